@@ -1,0 +1,366 @@
+"""GradientAlignmentWrapper: FaAlGrad meta-steps around a user's model and optimizer.
+
+One step (paper section 4, equation 5): ``inner_steps`` differentiable updates
+``theta_i = theta_{i-1} - inner_lr * grad L(theta_{i-1}, X_s)`` on the support set, then the
+query loss ``L(theta_I, X_q)`` is differentiated with respect to the original parameters
+``theta_0`` (through the inner updates, or not with ``first_order=True``), written into
+``p.grad``, and the user's optimizer steps. Section 4.1 shows why this aligns the two groups'
+gradients: to first order in ``inner_lr`` the meta-gradient is
+``grad L_q - inner_lr * grad(grad L_q . grad L_s)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torchopt
+from torch import Tensor, nn
+
+from metafair_opt._functional import (
+    Batch,
+    FunctionalModel,
+    accumulate_grads,
+    check_finite,
+    check_optimizer_holds,
+    check_same_batch_size,
+    select_rows,
+)
+from metafair_opt.splits import SplitStrategy, as_row_vector
+
+__all__ = ["AlignmentResult", "GradientAlignmentWrapper"]
+
+OnEmpty = Literal["fallback", "skip", "error"]
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """What one :meth:`GradientAlignmentWrapper.step` did.
+
+    ``query_loss`` is L(theta_I, X_q) (``None`` when the step was skipped); ``support_losses``
+    holds L(theta_{i-1}, X_s) for each inner step; ``alignment`` is the cosine between
+    grad L(theta_0, X_s) and grad L(theta_0, X_q) when the wrapper tracks it. ``fallback`` is
+    True when an empty set turned the step into an ordinary one on the rows present, and
+    ``skipped`` when it led to no update at all.
+    """
+
+    query_loss: float | None
+    support_losses: list[float] = field(default_factory=list)
+    n_support: int = 0
+    n_query: int = 0
+    fallback: bool = False
+    skipped: bool = False
+    alignment: float | None = None
+
+
+class GradientAlignmentWrapper:
+    """Turns each training step into a FaAlGrad meta-step; the user's optimizer applies it.
+
+    Args:
+        model: any ``nn.Module``. It is called functionally (``torch.func.functional_call``);
+            its parameters are never replaced. Parameters with ``requires_grad=False`` are left
+            untouched; tied weights are handled.
+        optimizer: the user's own ``torch.optim`` optimizer; it must hold every trainable
+            parameter of ``model``.
+        loss_fn: ``loss_fn(output, target) -> scalar tensor`` (mean-reduced), used for both the
+            support and the query loss.
+        inner_lr: learning rate of the default inner optimizer (differentiable SGD).
+        inner_steps: number of inner updates I. ``0`` means plain training on X_q: the control
+            that shows what the inner step adds.
+        first_order: if True the query gradient is taken at theta_I and applied to theta_0
+            without differentiating through the inner updates.
+        inner_optimizer: any differentiable ``torchopt`` gradient transformation (for example
+            ``torchopt.adam(1e-2, eps_root=1e-8)``; ``eps_root > 0`` is required for Adam, or
+            its meta-gradients turn NaN). Its state starts fresh at every step. Default
+            ``torchopt.sgd(inner_lr)``.
+        track_alignment: compute ``result.alignment`` (one extra forward and backward on X_q).
+        on_empty: what a step does when X_s or X_q is empty: ``"fallback"`` (an ordinary step on
+            the rows present, one warning per wrapper), ``"skip"`` (no update) or ``"error"``.
+        check_finite: raise FloatingPointError on a NaN/inf loss (costs one host sync per loss).
+
+    BatchNorm and other buffers: the inner forwards (and the alignment forward) run on a
+    throw-away copy of the buffers, so they never move running statistics; the query forward
+    updates them exactly once per step, and only after the step has succeeded.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Any, Any], Tensor],
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        inner_optimizer: torchopt.base.GradientTransformation | None = None,
+        track_alignment: bool = False,
+        on_empty: OnEmpty = "fallback",
+        check_finite: bool = True,
+    ) -> None:
+        if inner_steps < 0 or int(inner_steps) != inner_steps:
+            raise ValueError(f"inner_steps must be a non-negative integer; got {inner_steps}.")
+        if inner_lr < 0:
+            raise ValueError(f"inner_lr must be non-negative; got {inner_lr}.")
+        if on_empty not in ("fallback", "skip", "error"):
+            raise ValueError(
+                f"on_empty must be 'fallback', 'skip' or 'error'; got {on_empty!r}."
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.first_order = bool(first_order)
+        self.track_alignment = bool(track_alignment)
+        self.on_empty: OnEmpty = on_empty
+        self.check_finite = bool(check_finite)
+        self._custom_inner = inner_optimizer is not None
+        self.inner_optimizer = (
+            inner_optimizer if inner_optimizer is not None else torchopt.sgd(lr=self.inner_lr)
+        )
+        self._fmodel = FunctionalModel(model)
+        check_optimizer_holds(self._fmodel.named_params, optimizer)
+        self.step_count = 0
+        self.fallback_count = 0
+        self.skipped_count = 0
+        self._warned_empty = False
+
+    # ------------------------------------------------------------------ torch.optim interface
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (learning-rate schedulers work on these)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter the wrapped optimizer holds."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def config(self) -> dict[str, Any]:
+        """The wrapper's configuration, as saved in :meth:`state_dict`."""
+        return {
+            "inner_lr": self.inner_lr,
+            "inner_steps": self.inner_steps,
+            "first_order": self.first_order,
+            "track_alignment": self.track_alignment,
+            "on_empty": self.on_empty,
+            "custom_inner_optimizer": self._custom_inner,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus the wrapper's configuration and counters.
+
+        The model's parameters are not included: save ``model.state_dict()`` beside it.
+        """
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config(),
+            "step_count": self.step_count,
+            "fallback_count": self.fallback_count,
+            "skipped_count": self.skipped_count,
+            "warned_empty": self._warned_empty,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; warns if the saved configuration differs from this one."""
+        missing = {"optimizer", "config", "step_count"} - set(state)
+        if missing:
+            raise KeyError(
+                f"Not a GradientAlignmentWrapper state_dict: missing {sorted(missing)}."
+            )
+        differing = {
+            k: (v, self.config().get(k))
+            for k, v in state["config"].items()
+            if self.config().get(k) != v
+        }
+        if differing:
+            warnings.warn(
+                "Loading a GradientAlignmentWrapper state saved with a different configuration "
+                f"(saved, current): {differing}. The current configuration is kept.",
+                stacklevel=2,
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step_count"])
+        self.fallback_count = int(state.get("fallback_count", 0))
+        self.skipped_count = int(state.get("skipped_count", 0))
+        self._warned_empty = bool(state.get("warned_empty", False))
+
+    # ------------------------------------------------------------------------------ steps
+    def step(self, support: tuple[Batch, Any], query: tuple[Batch, Any]) -> AlignmentResult:
+        """One meta-step on an explicit support batch ``(x_s, y_s)`` and query batch ``(x_q, y_q)``.
+
+        Computes the meta-gradient, adds it to ``p.grad`` and calls ``optimizer.step()``.
+        Call :meth:`zero_grad` first, as with any optimizer. On any error nothing changes:
+        parameters, gradients, buffers and optimizer state stay as they were.
+        """
+        (x_s, y_s), (x_q, y_q) = _as_pair(support, "support"), _as_pair(query, "query")
+        n_s = check_same_batch_size(x_s, y_s, "support x", "support y")
+        n_q = check_same_batch_size(x_q, y_q, "query x", "query y")
+        needs_support = self.inner_steps > 0 or self.track_alignment
+        empty = [name for name, n, needed in (("support", n_s, needs_support),
+                                              ("query", n_q, True)) if needed and n == 0]
+        if empty:
+            return self._empty_step(empty[0], (x_s, y_s, n_s), (x_q, y_q, n_q))
+
+        grads, buffers, query_loss, support_losses, alignment = self._meta_gradient(
+            x_s, y_s, x_q, y_q
+        )
+        self._commit(grads, buffers)
+        return AlignmentResult(
+            query_loss=query_loss,
+            support_losses=support_losses,
+            n_support=n_s,
+            n_query=n_q,
+            alignment=alignment,
+        )
+
+    def step_batch(
+        self, x: Batch, y: Any, groups: Any, split: SplitStrategy
+    ) -> AlignmentResult:
+        """Split ``(x, y)`` with ``split(y, groups)`` into X_s and X_q, then :meth:`step`.
+
+        ``groups`` holds one integer group id per row. A split with state (``Proportion``,
+        ``RoundRobin``) is rewound if the step fails, so a failed step changes nothing.
+        """
+        n = check_same_batch_size(x, y)
+        g = as_row_vector(groups, "groups")
+        if g.shape[0] != n:
+            raise ValueError(
+                f"groups has {g.shape[0]} rows but x and y have {n}: pass one group id per row."
+            )
+        saved_split = copy.deepcopy(split.state_dict()) if hasattr(split, "state_dict") else None
+        try:
+            support_mask, query_mask = split(y, g)
+            return self.step(
+                support=(select_rows(x, support_mask), select_rows(y, support_mask)),
+                query=(select_rows(x, query_mask), select_rows(y, query_mask)),
+            )
+        except Exception:
+            if saved_split is not None:
+                split.load_state_dict(saved_split)
+            raise
+
+    # ------------------------------------------------------------------------- internals
+    def _loss(self, output: Any, target: Any, what: str) -> Tensor:
+        loss = self.loss_fn(output, target)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (0-dim) tensor, but for the {what} it returned "
+                f"{shape}. Reduce it (for example reduction='mean'); the wrapper needs one "
+                "number per set."
+            )
+        if self.check_finite:
+            check_finite(loss, what)
+        return loss
+
+    def _meta_gradient(
+        self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any
+    ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor], float, list[float], float | None]:
+        fm = self._fmodel
+        theta0 = fm.params
+        has_buffers = bool(fm.buffer_names)
+        scratch = fm.clone_buffers() if has_buffers else {}
+        committed = fm.clone_buffers() if has_buffers else {}
+
+        params: tuple[Tensor, ...] = theta0
+        state = self.inner_optimizer.init(params)
+        support_losses: list[float] = []
+        grad_s0: tuple[Tensor, ...] | None = None
+        for i in range(self.inner_steps):
+            what = f"support loss at inner step {i + 1} of {self.inner_steps}"
+            loss_s = self._loss(fm(params, scratch, x_s), y_s, what)
+            grads = torch.autograd.grad(
+                loss_s, params, create_graph=not self.first_order, materialize_grads=True
+            )
+            if i == 0 and self.track_alignment:
+                grad_s0 = tuple(g.detach() for g in grads)
+            updates, state = self.inner_optimizer.update(grads, state, params=params,
+                                                         inplace=False)
+            params = tuple(torchopt.apply_updates(params, updates, inplace=False))
+            support_losses.append(float(loss_s.detach()))
+
+        alignment = None
+        if self.track_alignment:
+            alignment = self._alignment(grad_s0, x_s, y_s, x_q, y_q, scratch)
+
+        query_loss = self._loss(fm(params, committed, x_q), y_q, "query loss")
+        meta_grads = torch.autograd.grad(query_loss, theta0, allow_unused=True)
+        return meta_grads, committed, float(query_loss.detach()), support_losses, alignment
+
+    def _alignment(
+        self,
+        grad_s0: tuple[Tensor, ...] | None,
+        x_s: Batch,
+        y_s: Any,
+        x_q: Batch,
+        y_q: Any,
+        scratch: dict[str, Tensor],
+    ) -> float:
+        fm = self._fmodel
+        if grad_s0 is None:
+            loss_s = self._loss(fm(fm.params, scratch, x_s), y_s, "support loss (alignment)")
+            grad_s0 = torch.autograd.grad(loss_s, fm.params, materialize_grads=True)
+        loss_q = self._loss(fm(fm.params, scratch, x_q), y_q, "query loss (alignment)")
+        grad_q0 = torch.autograd.grad(loss_q, fm.params, materialize_grads=True)
+        return _cosine(grad_s0, grad_q0)
+
+    def _commit(self, grads: tuple[Tensor | None, ...], buffers: dict[str, Tensor]) -> None:
+        self._fmodel.commit_buffers(buffers)
+        accumulate_grads(self._fmodel.params, grads)
+        self.optimizer.step()
+        self.step_count += 1
+
+    def _empty_step(
+        self, which: str, support: tuple[Batch, Any, int], query: tuple[Batch, Any, int]
+    ) -> AlignmentResult:
+        n_s, n_q = support[2], query[2]
+        if self.on_empty == "error" or (n_s == 0 and n_q == 0):
+            raise ValueError(
+                f"The {which} set is empty in this batch ({n_s} support rows, {n_q} query "
+                "rows). Sample batches that hold every group, for example with "
+                "metafair_opt.GroupBalancedBatchSampler, or build the wrapper with "
+                "on_empty='fallback' or 'skip'."
+            )
+        if self.on_empty == "skip":
+            self.skipped_count += 1
+            return AlignmentResult(query_loss=None, n_support=n_s, n_query=n_q, skipped=True)
+        if not self._warned_empty:
+            warnings.warn(
+                f"The {which} set was empty in a batch, so this step was an ordinary training "
+                "step on the rows present (result.fallback=True). This warning is shown once "
+                "per wrapper; use metafair_opt.GroupBalancedBatchSampler to avoid empty sets.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        x, y, _ = query if n_q > 0 else support
+        fm = self._fmodel
+        committed = fm.clone_buffers() if fm.buffer_names else {}
+        loss = self._loss(fm(fm.params, committed, x), y, f"fallback loss ({which} set empty)")
+        grads = torch.autograd.grad(loss, fm.params, allow_unused=True)
+        self._warned_empty = True
+        self._commit(grads, committed)
+        self.fallback_count += 1
+        return AlignmentResult(
+            query_loss=float(loss.detach()), n_support=n_s, n_query=n_q, fallback=True
+        )
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({type(self.optimizer).__name__}, {settings})"
+
+
+def _as_pair(pair: Any, name: str) -> tuple[Batch, Any]:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name} must be a pair (x, y); got {type(pair).__name__}.")
+    return pair[0], pair[1]
+
+
+def _cosine(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> float:
+    with torch.no_grad():
+        dot = sum((x * y).sum() for x, y in zip(a, b))
+        na = torch.sqrt(sum((x * x).sum() for x in a))
+        nb = torch.sqrt(sum((y * y).sum() for y in b))
+        return float(dot / (na * nb).clamp_min(torch.finfo(na.dtype).tiny))

@@ -1,0 +1,49 @@
+"""Shared test utilities: snapshots for 'nothing changed' checks and vector comparisons."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def flat(tensors: Sequence[Tensor | None]) -> Tensor:
+    """Concatenate tensors into one vector (None counts as empty)."""
+    return torch.cat([t.reshape(-1) for t in tensors if t is not None])
+
+
+def rel_error(a: Sequence[Tensor | None] | Tensor, b: Sequence[Tensor | None] | Tensor) -> float:
+    """||a - b|| / ||b|| over all entries."""
+    va = a if isinstance(a, Tensor) else flat(a)
+    vb = b if isinstance(b, Tensor) else flat(b)
+    return float((va - vb).norm() / vb.norm())
+
+
+def snapshot(model: nn.Module, *stateful: Any) -> dict[str, Any]:
+    """Deep copies of a model's state (parameters, buffers, gradients) and of other state_dicts."""
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "others": [copy.deepcopy(s.state_dict()) for s in stateful],
+    }
+
+
+def assert_same_state(before: Any, after: Any) -> None:
+    """Bit-identical comparison of nested dicts/lists of tensors and plain values."""
+    if isinstance(before, Tensor):
+        assert isinstance(after, Tensor)
+        assert before.dtype == after.dtype and before.shape == after.shape
+        assert torch.equal(before, after), "a tensor changed"
+    elif isinstance(before, dict):
+        assert before.keys() == after.keys()
+        for k in before:
+            assert_same_state(before[k], after[k])
+    elif isinstance(before, (list, tuple)):
+        assert len(before) == len(after)
+        for x, y in zip(before, after):
+            assert_same_state(x, y)
+    else:
+        assert before == after
