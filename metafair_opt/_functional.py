@@ -23,6 +23,7 @@ __all__ = [
     "Batch",
     "FunctionalModel",
     "accumulate_grads",
+    "apply_gradients",
     "batch_size",
     "check_finite",
     "check_optimizer_holds",
@@ -173,3 +174,19 @@ class FunctionalModel:
 
 
 LossFn = Callable[..., Tensor]
+
+
+def apply_gradients(
+    fmodel: FunctionalModel,
+    optimizer: Any,
+    grads: Sequence[Tensor | None],
+    buffers: Mapping[str, Tensor],
+) -> None:
+    """The commit at the end of a successful meta-step.
+
+    Copies the committed forward's buffers into the module, adds ``grads`` to ``p.grad`` and
+    steps the user's optimizer. Everything before this call must leave the model untouched.
+    """
+    fmodel.commit_buffers(buffers)
+    accumulate_grads(fmodel.params, grads)
+    optimizer.step()

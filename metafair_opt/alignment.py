@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from metafair_opt._functional import (
     Batch,
     FunctionalModel,
-    accumulate_grads,
+    apply_gradients,
     check_finite,
     check_optimizer_holds,
     check_same_batch_size,
@@ -308,9 +308,7 @@ class GradientAlignmentWrapper:
         return _cosine(grad_s0, grad_q0)
 
     def _commit(self, grads: tuple[Tensor | None, ...], buffers: dict[str, Tensor]) -> None:
-        self._fmodel.commit_buffers(buffers)
-        accumulate_grads(self._fmodel.params, grads)
-        self.optimizer.step()
+        apply_gradients(self._fmodel, self.optimizer, grads, buffers)
         self.step_count += 1
 
     def _empty_step(

@@ -1,0 +1,433 @@
+"""SampleReweighter: FORML's learned per-sample weights (Algorithm 1 of the FORML paper).
+
+One step on a training batch (indices ``idx`` into a global weight table ``w``) and a
+group-balanced validation batch:
+
+1. per-sample losses ``l_i`` at the current parameters theta; weighted loss
+   ``sum_i softmax(w[idx])_i * l_i`` (a fresh table gives the plain mean loss);
+2. a differentiable look-ahead ``theta~ = theta - lookahead_lr * grad`` (torchopt functional SGD;
+   ``reverse_lookahead=True`` flips the sign, appendix 7.1);
+3. the fairness meta-loss on the validation batch at theta~, differentiated with respect to
+   ``w[idx]``;
+4. the weight update on those table rows (SGD or lazily-initialised per-row Adam);
+5. the real update: the weighted loss under the new weights, at the original theta, through the
+   user's optimizer. The training forward of step 1 serves both gradients.
+
+Why Adam on the weights by default: the meta-gradient on one weight is about
+``lookahead_lr * <grad of the meta-loss, grad of that sample's loss> / batch size``, tiny and
+dependent on the model, the loss scale and the batch size. Plain SGD with the paper's setting
+(weight_lr equal to the model's, 1e-3) leaves the weights within 0.1 % of uniform. Adam divides
+by the running gradient magnitude per row, so ``weight_lr`` is the step in logit units per visit
+of a sample whatever the scale: a weight can move by about ``weight_lr`` each time its sample is
+seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+import torchopt
+from torch import Tensor, nn
+
+from metafair_opt._functional import (
+    Batch,
+    FunctionalModel,
+    apply_gradients,
+    batch_size,
+    check_finite,
+    check_optimizer_holds,
+    check_same_batch_size,
+)
+from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
+from metafair_opt.splits import as_row_vector
+
+__all__ = ["ReweightResult", "SampleReweighter"]
+
+WeightOptimizer = Literal["adam", "sgd"]
+
+
+@dataclass(frozen=True)
+class ReweightResult:
+    """What one :meth:`SampleReweighter.step` did.
+
+    ``loss`` is the weighted training loss under the new weights (the one the model was updated
+    with); ``meta_loss`` the fairness meta-loss on the validation batch at the look-ahead
+    parameters; ``batch_weights`` the normalised weights used, scaled so that uniform weighting
+    is 1 for every row (``loss = mean(batch_weights * per-sample losses)``); ``group_losses``
+    the mean validation loss of each group at the look-ahead parameters.
+    """
+
+    loss: float
+    meta_loss: float
+    batch_weights: Tensor
+    group_losses: dict[int, float] = field(default_factory=dict)
+
+
+class SampleReweighter:
+    """Learns one weight per training example for fairness (FORML) around the user's optimizer.
+
+    Args:
+        model: any ``nn.Module``; called functionally, its parameters are never replaced.
+        optimizer: the user's own ``torch.optim`` optimizer holding every trainable parameter.
+        num_samples: size of the training set; the weight table has one row per example.
+        loss_fn: ``loss_fn(output, target, reduction="none") -> (batch,)`` per-sample losses,
+            e.g. ``F.cross_entropy``.
+        meta_loss: ``"mean_loss_discrepancy"``, ``"max_loss_discrepancy"``, ``"cross_entropy"``
+            or a callable ``(losses, groups) -> scalar`` evaluated on the validation batch.
+        weight_lr: learning rate of the weight update (see the module docstring for the scale).
+        weight_optimizer: ``"adam"`` (default; per-row state created lazily, bias-corrected per
+            row) or ``"sgd"`` (the paper's plain gradient step).
+        lookahead_lr: step size of the look-ahead; ``None`` uses the optimizer's current
+            learning rate (``param_groups[0]["lr"]``) at every step.
+        reverse_lookahead: take the look-ahead step up the gradient (appendix 7.1).
+        ema_decay: decay of the per-example moving average of the normalised weighted loss
+            used by :meth:`prune` and :meth:`keep_indices`.
+        weight_device: where the table lives (default: the model's device; ``"cpu"`` for very
+            large data sets). A step reads and writes only the batch's rows.
+        adam_betas, adam_eps: Adam's constants for ``weight_optimizer="adam"``.
+        check_finite: raise FloatingPointError on a NaN/inf loss or meta-gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        num_samples: int,
+        loss_fn: Callable[..., Tensor],
+        meta_loss: str | MetaLoss = "mean_loss_discrepancy",
+        weight_lr: float = 0.05,
+        weight_optimizer: WeightOptimizer = "adam",
+        lookahead_lr: float | None = None,
+        reverse_lookahead: bool = False,
+        ema_decay: float = 0.9,
+        weight_device: torch.device | str | None = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        check_finite: bool = True,
+    ) -> None:
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples}.")
+        if weight_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"weight_optimizer must be 'adam' or 'sgd'; got {weight_optimizer!r}.")
+        if weight_lr < 0:
+            raise ValueError(f"weight_lr must be non-negative; got {weight_lr}.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.num_samples = int(num_samples)
+        self.loss_fn = loss_fn
+        self._meta_loss_fn, self._needs_groups, self.meta_loss_name = resolve_meta_loss(meta_loss)
+        self.weight_lr = float(weight_lr)
+        self.weight_optimizer: WeightOptimizer = weight_optimizer
+        self.lookahead_lr = lookahead_lr
+        self.reverse_lookahead = bool(reverse_lookahead)
+        self.ema_decay = float(ema_decay)
+        self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
+        self.adam_eps = float(adam_eps)
+        self.check_finite = bool(check_finite)
+        self._fmodel = FunctionalModel(model)
+        check_optimizer_holds(self._fmodel.named_params, optimizer)
+        device = torch.device(weight_device) if weight_device is not None else (
+            self._fmodel.params[0].device
+        )
+        self._table = torch.zeros(self.num_samples, device=device)
+        self._ema = torch.full((self.num_samples,), float("nan"), device=device)
+        self._seen = torch.zeros(self.num_samples, dtype=torch.long, device=device)
+        self._adam: dict[str, Tensor] | None = None  # created on the first Adam update
+        self.step_count = 0
+        self._lookahead_cache: tuple[tuple[float, bool], Any] | None = None
+
+    # ------------------------------------------------------------------ torch.optim interface
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (learning-rate schedulers work on these)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter the wrapped optimizer holds."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def config(self) -> dict[str, Any]:
+        """The reweighter's configuration, as saved in :meth:`state_dict`."""
+        return {
+            "num_samples": self.num_samples,
+            "meta_loss": self.meta_loss_name,
+            "weight_lr": self.weight_lr,
+            "weight_optimizer": self.weight_optimizer,
+            "lookahead_lr": self.lookahead_lr,
+            "reverse_lookahead": self.reverse_lookahead,
+            "ema_decay": self.ema_decay,
+            "adam_betas": self.adam_betas,
+            "adam_eps": self.adam_eps,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state, weight table, weight-optimizer state, EMA table and counters."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config(),
+            "weights": self._table.clone(),
+            "ema": self._ema.clone(),
+            "seen": self._seen.clone(),
+            "adam": None if self._adam is None else {k: v.clone() for k, v in self._adam.items()},
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the table size must match ``num_samples``."""
+        missing = {"optimizer", "weights", "ema", "seen", "step_count"} - set(state)
+        if missing:
+            raise KeyError(f"Not a SampleReweighter state_dict: missing {sorted(missing)}.")
+        if state["weights"].numel() != self.num_samples:
+            raise ValueError(
+                f"The saved weight table has {state['weights'].numel()} rows but this "
+                f"reweighter has num_samples={self.num_samples}."
+            )
+        differing = {
+            k: (v, self.config().get(k))
+            for k, v in state.get("config", {}).items()
+            if self.config().get(k) != v
+        }
+        if differing:
+            warnings.warn(
+                "Loading a SampleReweighter state saved with a different configuration "
+                f"(saved, current): {differing}. The current configuration is kept.",
+                stacklevel=2,
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        device = self._table.device
+        self._table = state["weights"].detach().clone().to(device)
+        self._ema = state["ema"].detach().clone().to(device)
+        self._seen = state["seen"].detach().clone().to(device)
+        adam = state.get("adam")
+        self._adam = None if adam is None else {k: v.clone().to(device) for k, v in adam.items()}
+        self.step_count = int(state["step_count"])
+
+    # -------------------------------------------------------------------------- inspection
+    @property
+    def weights(self) -> Tensor:
+        """A copy of the raw weight table (logits; softmax-normalised per batch when used)."""
+        return self._table.detach().clone()
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per training example: index, weight, ema_weighted_loss, times_seen.
+
+        ``ema_weighted_loss`` is the moving average of the example's normalised weighted loss
+        (``batch_weight * loss``, uniform weighting = the loss itself); NaN until first seen.
+        """
+        return pd.DataFrame(
+            {
+                "index": torch.arange(self.num_samples).numpy(),
+                "weight": self._table.detach().cpu().numpy(),
+                "ema_weighted_loss": self._ema.detach().cpu().numpy(),
+                "times_seen": self._seen.cpu().numpy(),
+            }
+        )
+
+    def prune(self, n: int) -> Tensor:
+        """The ``n`` example indices with the lowest moving average of normalised weighted loss.
+
+        Only examples seen at least once are candidates (FORML section 4.5). Returned in order,
+        lowest first.
+        """
+        seen = torch.nonzero(self._seen > 0).flatten()
+        if not 0 <= n <= seen.numel():
+            raise ValueError(
+                f"Cannot prune {n} examples: {seen.numel()} of {self.num_samples} have been seen "
+                "in training so far (n must lie in [0, seen])."
+            )
+        order = torch.argsort(self._ema[seen], stable=True)
+        return seen[order[:n]].cpu()
+
+    def keep_indices(self, fraction: float) -> Tensor:
+        """Sorted indices of the examples to keep when keeping ``fraction`` of the data set.
+
+        Drops the ``round((1 - fraction) * num_samples)`` examples that :meth:`prune` ranks
+        lowest; unseen examples are always kept. Use with ``torch.utils.data.Subset``.
+        """
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must lie in (0, 1]; got {fraction}.")
+        drop = self.prune(min(round((1.0 - fraction) * self.num_samples),
+                              int((self._seen > 0).sum())))
+        keep = torch.ones(self.num_samples, dtype=torch.bool)
+        keep[drop] = False
+        return torch.nonzero(keep).flatten()
+
+    # ------------------------------------------------------------------------------- step
+    def step(self, x: Batch, y: Any, idx: Any, val: tuple[Batch, Any, Any]) -> ReweightResult:
+        """One FORML step on training rows ``(x, y)`` with table rows ``idx``, then the update.
+
+        ``val`` is a validation batch ``(x_val, y_val, groups_val)``. Call :meth:`zero_grad`
+        first, as with any optimizer. On any error nothing changes: parameters, gradients,
+        buffers, optimizer state, weight table, Adam and EMA tables stay as they were.
+        """
+        fm = self._fmodel
+        n = check_same_batch_size(x, y)
+        idx = self._checked_indices(idx, n)
+        x_val, y_val, g_val = self._checked_validation(val)
+
+        has_buffers = bool(fm.buffer_names)
+        committed = fm.clone_buffers() if has_buffers else {}
+        scratch = fm.clone_buffers() if has_buffers else {}
+        theta = fm.params
+
+        losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        logits = self._table[rows].to(losses.device).requires_grad_(True)
+        weights = torch.softmax(logits[inverse.to(losses.device)], dim=0)
+        weighted = (weights * losses).sum()
+
+        lookahead = self._lookahead_transform()
+        grads = torch.autograd.grad(weighted, theta, create_graph=True, materialize_grads=True)
+        updates, _ = lookahead.update(grads, lookahead.init(theta), params=theta, inplace=False)
+        theta_tilde = tuple(torchopt.apply_updates(theta, updates, inplace=False))
+
+        val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
+                                             "validation loss")
+        meta = self._meta_loss_fn(val_losses, g_val.to(val_losses.device))
+        if not isinstance(meta, Tensor) or meta.dim() != 0:
+            raise ValueError("meta_loss must return a scalar (0-dim) tensor.")
+        if self.check_finite:
+            check_finite(meta, "meta-loss")
+        (row_grads,) = torch.autograd.grad(meta, logits, retain_graph=True, allow_unused=True)
+        if row_grads is None:
+            row_grads = torch.zeros_like(logits)
+        if self.check_finite:
+            check_finite(row_grads, "meta-gradient of the batch's weights")
+
+        new_rows, adam_rows = self._updated_rows(rows, row_grads.detach().to(self._table.device))
+        new_weights = torch.softmax(new_rows.to(losses.device)[inverse.to(losses.device)], dim=0)
+        final_loss = (new_weights * losses).sum()
+        final_grads = torch.autograd.grad(final_loss, theta, allow_unused=True)
+
+        # Everything was computed without side effects; now commit.
+        self._table[rows] = new_rows
+        if adam_rows is not None:
+            self._store_adam_rows(rows, adam_rows)
+        self._update_ema(rows, inverse, (new_weights * n * losses).detach())
+        apply_gradients(fm, self.optimizer, final_grads, committed)
+        self.step_count += 1
+
+        ids, means = group_mean_losses(val_losses.detach(), g_val.to(val_losses.device))
+        return ReweightResult(
+            loss=float(final_loss.detach()),
+            meta_loss=float(meta.detach()),
+            batch_weights=(new_weights.detach() * n).cpu(),
+            group_losses={int(g): float(m) for g, m in zip(ids.tolist(), means.tolist())},
+        )
+
+    # ------------------------------------------------------------------------- internals
+    def _checked_indices(self, idx: Any, rows: int) -> Tensor:
+        idx = torch.as_tensor(idx)
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(f"idx must hold integer dataset indices; got dtype {idx.dtype}.")
+        idx = as_row_vector(idx, "idx").long()
+        if idx.numel() != rows:
+            raise ValueError(f"idx has {idx.numel()} entries but the batch has {rows} rows.")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
+            raise IndexError(
+                f"Sample index {int(bad)} is outside the weight table's range "
+                f"[0, {self.num_samples}). idx must hold dataset indices (IndexedDataset gives "
+                "them) and num_samples must equal len(train_dataset)."
+            )
+        return idx.to(self._table.device)
+
+    def _checked_validation(self, val: Any) -> tuple[Batch, Any, Tensor]:
+        if not isinstance(val, (tuple, list)) or len(val) != 3:
+            raise TypeError("val must be a validation batch (x_val, y_val, groups_val).")
+        x_val, y_val, g_val = val
+        n_val = check_same_batch_size(x_val, y_val, "x_val", "y_val")
+        g_val = as_row_vector(g_val, "groups_val", rows=n_val)
+        if self._needs_groups and torch.unique(g_val).numel() < 2:
+            raise ValueError(
+                f"The validation batch holds {torch.unique(g_val).numel()} group(s), but the "
+                f"{self.meta_loss_name} meta-loss compares groups and needs at least two. "
+                "Draw validation batches with metafair_opt.GroupBalancedBatchSampler."
+            )
+        return x_val, y_val, g_val
+
+    def _per_sample_losses(self, output: Any, target: Any, what: str) -> Tensor:
+        rows = batch_size(target, "target") if not isinstance(output, Tensor) else output.shape[0]
+        try:
+            losses = self.loss_fn(output, target, reduction="none")
+        except TypeError as error:
+            raise ValueError(
+                "loss_fn must give one loss per sample: SampleReweighter calls "
+                "loss_fn(output, target, reduction='none'), and this loss_fn failed with "
+                f"{error!r}. Use a torch.nn.functional loss or accept a reduction argument."
+            ) from error
+        if not isinstance(losses, Tensor) or losses.dim() == 0 or losses.numel() != rows:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"loss_fn(output, target, reduction='none') must return one loss per sample, "
+                f"shape ({rows},); for the {what} it returned {shape}. A loss that reduces "
+                "over the batch cannot be reweighted."
+            )
+        losses = losses.reshape(rows)
+        if self.check_finite:
+            check_finite(losses, what)
+        return losses
+
+    def _lookahead_transform(self) -> Any:
+        lr = self.lookahead_lr if self.lookahead_lr is not None else self.param_groups[0]["lr"]
+        key = (float(lr), self.reverse_lookahead)
+        if self._lookahead_cache is None or self._lookahead_cache[0] != key:
+            transform = torchopt.sgd(lr=key[0], maximize=self.reverse_lookahead)
+            self._lookahead_cache = (key, transform)
+        return self._lookahead_cache[1]
+
+    def _updated_rows(
+        self, rows: Tensor, grads: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """New table values for ``rows`` and, for Adam, their new state; nothing is stored."""
+        current = self._table[rows]
+        if self.weight_optimizer == "sgd":
+            return current - self.weight_lr * grads, None
+        beta1, beta2 = self.adam_betas
+        if self._adam is None:
+            steps = torch.ones_like(rows)
+            exp_avg = (1 - beta1) * grads
+            exp_avg_sq = (1 - beta2) * grads * grads
+        else:
+            steps = self._adam["steps"][rows] + 1
+            exp_avg = beta1 * self._adam["exp_avg"][rows] + (1 - beta1) * grads
+            exp_avg_sq = beta2 * self._adam["exp_avg_sq"][rows] + (1 - beta2) * grads * grads
+        corrected_avg = exp_avg / (1 - beta1 ** steps.to(grads.dtype))
+        corrected_sq = exp_avg_sq / (1 - beta2 ** steps.to(grads.dtype))
+        new_rows = current - self.weight_lr * corrected_avg / (corrected_sq.sqrt() + self.adam_eps)
+        return new_rows, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "steps": steps}
+
+    def _store_adam_rows(self, rows: Tensor, values: dict[str, Tensor]) -> None:
+        if self._adam is None:  # lazily created: rows never seen keep zero state
+            self._adam = {
+                "exp_avg": torch.zeros_like(self._table),
+                "exp_avg_sq": torch.zeros_like(self._table),
+                "steps": torch.zeros(self.num_samples, dtype=torch.long,
+                                     device=self._table.device),
+            }
+        for key, row_values in values.items():
+            self._adam[key][rows] = row_values.to(self._adam[key].dtype)
+
+    def _update_ema(self, rows: Tensor, inverse: Tensor, values: Tensor) -> None:
+        values = values.to(self._table.device)
+        inverse = inverse.to(self._table.device)
+        counts = torch.bincount(inverse, minlength=rows.numel())
+        sums = torch.zeros(rows.numel(), dtype=values.dtype, device=values.device)
+        row_values = sums.index_add(0, inverse, values) / counts.to(values.dtype)
+        previous = self._ema[rows]
+        first = torch.isnan(previous)
+        blended = self.ema_decay * previous + (1 - self.ema_decay) * row_values
+        self._ema[rows] = torch.where(first, row_values, blended).to(self._ema.dtype)
+        self._seen[rows] += counts
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({type(self.optimizer).__name__}, {settings})"
+

@@ -1,0 +1,179 @@
+"""SampleReweighter's meta-gradient and model update against independent computations (float64).
+
+The weight gradient is read from the table: with ``weight_optimizer="sgd"`` and
+``weight_lr=1`` a step moves each row by exactly minus its gradient.
+"""
+
+from __future__ import annotations
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metafair_opt import SampleReweighter, max_loss_discrepancy, mean_loss_discrepancy
+from tests.helpers import rel_error
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def tiny_model(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def plain_mlp(params: list[Tensor], x: Tensor) -> Tensor:
+    w1, b1, w2, b2 = params
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+def data(seed: int, n: int = 8, n_val: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)
+    xv, yv = torch.randn(n_val, 3, generator=g), torch.randint(0, 2, (n_val,), generator=g)
+    gv = torch.tensor([0, 1] * (n_val // 2))
+    return x, y, xv, yv, gv
+
+
+def meta_objective(params0, logits, idx_inverse, batch, lookahead_lr, meta_loss) -> Tensor:
+    """The meta-loss as a function of the batch's weight logits, written out by hand."""
+    x, y, xv, yv, gv = batch
+    weights = torch.softmax(logits[idx_inverse], dim=0)
+    inner = (weights * F.cross_entropy(plain_mlp(params0, x), y, reduction="none")).sum()
+    grads = torch.autograd.grad(inner, params0, create_graph=True)
+    adapted = [p - lookahead_lr * g for p, g in zip(params0, grads)]
+    return meta_loss(F.cross_entropy(plain_mlp(adapted, xv), yv, reduction="none"), gv)
+
+
+def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=None) -> Tensor:
+    x, y, xv, yv, gv = batch
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=20,
+                          loss_fn=F.cross_entropy, meta_loss=meta_loss, weight_lr=1.0,
+                          weight_optimizer="sgd", lookahead_lr=lookahead_lr)
+    if table is not None:
+        rw._table.copy_(table)
+    before = rw.weights
+    rw.step(x, y, idx, val=(xv, yv, gv))
+    rows = torch.unique(idx)
+    return before[rows] - rw.weights[rows]
+
+
+@pytest.mark.parametrize("meta_loss", [mean_loss_discrepancy, max_loss_discrepancy])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_weight_gradient_matches_finite_differences(meta_loss, duplicates: bool) -> None:
+    batch = data(seed=1)
+    idx = torch.tensor([3, 7, 7, 0, 12, 5, 3, 19]) if duplicates else torch.arange(2, 10)
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    table = torch.linspace(-0.5, 0.5, 20)
+    model = tiny_model(seed=2)
+    params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    eps = 1e-6
+    numeric = torch.zeros(rows.numel())
+    for k in range(rows.numel()):
+        values = []
+        for sign in (1.0, -1.0):
+            logits = table[rows].clone()
+            logits[k] += sign * eps
+            meta = meta_objective(params0, logits, inverse, batch, 0.7, meta_loss)
+            values.append(float(meta.detach()))
+        numeric[k] = (values[0] - values[1]) / (2 * eps)
+    got = reweighter_row_gradient(model, batch, idx, 0.7, meta_loss, table=table)
+    assert rel_error(got, numeric) < 1e-4
+
+
+@pytest.mark.parametrize("meta_loss", [mean_loss_discrepancy, max_loss_discrepancy])
+def test_weight_gradient_matches_higher(meta_loss) -> None:
+    x, y, xv, yv, gv = batch = data(seed=3)
+    idx = torch.arange(4, 12)
+    lr = 0.6
+    reference_model = tiny_model(seed=4)
+    logits = torch.zeros(8, requires_grad=True)
+    inner_opt = torch.optim.SGD(reference_model.parameters(), lr=lr)
+    with higher.innerloop_ctx(reference_model, inner_opt) as (fmodel, diffopt):
+        weights = torch.softmax(logits, dim=0)
+        diffopt.step((weights * F.cross_entropy(fmodel(x), y, reduction="none")).sum())
+        meta = meta_loss(F.cross_entropy(fmodel(xv), yv, reduction="none"), gv)
+        (expected,) = torch.autograd.grad(meta, logits)
+    got = reweighter_row_gradient(tiny_model(seed=4), batch, idx, lr, meta_loss)
+    assert rel_error(got, expected) < 1e-6
+    assert expected.abs().max() > 1e-4  # the check is not trivially zero == zero
+
+
+def test_model_update_matches_hand_computation() -> None:
+    x, y, xv, yv, gv = batch = data(seed=5)
+    idx = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    table = torch.linspace(-1, 1, 20)
+    lookahead_lr, weight_lr, model_lr = 0.5, 3.0, 0.2
+    model = tiny_model(seed=6)
+    params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+
+    logits = table[rows].clone().requires_grad_(True)
+    meta = meta_objective(params0, logits, inverse, batch, lookahead_lr, mean_loss_discrepancy)
+    (row_grad,) = torch.autograd.grad(meta, logits)
+    new_rows = table[rows] - weight_lr * row_grad
+    new_weights = torch.softmax(new_rows[inverse], dim=0)
+    final = (new_weights * F.cross_entropy(plain_mlp(params0, x), y, reduction="none")).sum()
+    grads = torch.autograd.grad(final, params0)
+    expected = [p.detach() - model_lr * g for p, g in zip(params0, grads)]
+
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=model_lr),
+                          num_samples=20, loss_fn=F.cross_entropy, weight_lr=weight_lr,
+                          weight_optimizer="sgd", lookahead_lr=lookahead_lr)
+    rw._table.copy_(table)
+    result = rw.step(x, y, idx, val=(xv, yv, gv))
+    for got, want in zip(model.parameters(), expected):
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert torch.allclose(rw.weights[rows], new_rows, atol=1e-12)
+    assert torch.allclose(result.batch_weights, new_weights * 8, atol=1e-12)
+    assert result.loss == pytest.approx(float(final), abs=1e-12)
+    assert result.meta_loss == pytest.approx(float(meta), abs=1e-12)
+
+
+def test_lookahead_defaults_to_the_optimizers_current_lr_and_reverse_flips_it() -> None:
+    batch = data(seed=7)
+    idx = torch.arange(8)
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    model = tiny_model(seed=8)
+    params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    for lookahead, reverse in ((0.3, False), (-0.3, True)):
+        logits = torch.zeros(8, requires_grad=True)
+        meta = meta_objective(params0, logits, inverse, batch, lookahead, mean_loss_discrepancy)
+        (expected,) = torch.autograd.grad(meta, logits)
+        m = tiny_model(seed=8)
+        opt = torch.optim.SGD(m.parameters(), lr=0.3)
+        rw = SampleReweighter(m, opt, num_samples=20, loss_fn=F.cross_entropy, weight_lr=1.0,
+                              weight_optimizer="sgd", reverse_lookahead=reverse)
+        rw.step(batch[0], batch[1], idx, val=batch[2:])
+        assert rel_error(-rw.weights[rows], expected) < 1e-8
+
+
+def test_adam_weight_update_matches_hand_written_lazy_adam() -> None:
+    x, y, xv, yv, gv = batch = data(seed=9)
+    model = tiny_model(seed=10)
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=20,
+                          loss_fn=F.cross_entropy, weight_lr=0.1, weight_optimizer="adam",
+                          lookahead_lr=0.5)
+    params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    table, m, v, t = torch.zeros(20), torch.zeros(20), torch.zeros(20), torch.zeros(20)
+    for idx in (torch.arange(0, 8), torch.arange(4, 12)):  # rows 4..7 get a second update
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        logits = table[rows].clone().requires_grad_(True)
+        meta = meta_objective(params0, logits, inverse, batch, 0.5, mean_loss_discrepancy)
+        (g,) = torch.autograd.grad(meta, logits)
+        t[rows] += 1
+        m[rows] = b1 * m[rows] + (1 - b1) * g
+        v[rows] = b2 * v[rows] + (1 - b2) * g * g
+        m_hat, v_hat = m[rows] / (1 - b1 ** t[rows]), v[rows] / (1 - b2 ** t[rows])
+        table[rows] = table[rows] - 0.1 * m_hat / (v_hat.sqrt() + eps)
+        rw.step(x, y, idx, val=(xv, yv, gv))
+    assert torch.allclose(rw.weights, table, atol=1e-10)
+    assert rw.weights[12:].abs().max() == 0  # rows never seen are untouched
