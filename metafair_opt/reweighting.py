@@ -79,7 +79,9 @@ class SampleReweighter:
             e.g. ``F.cross_entropy``.
         meta_loss: ``"mean_loss_discrepancy"``, ``"max_loss_discrepancy"``, ``"cross_entropy"``
             or a callable ``(losses, groups) -> scalar`` evaluated on the validation batch.
-        weight_lr: learning rate of the weight update (see the module docstring for the scale).
+        weight_lr: learning rate of the weight update. With Adam it is roughly how far (in
+            logits) a weight moves each time its example is seen, so choose it from the number
+            of epochs: about 0.01-0.05 for tens of epochs, 0.001 for hundreds.
         weight_optimizer: ``"adam"`` (default; per-row state created lazily, bias-corrected per
             row) or ``"sgd"`` (the paper's plain gradient step).
         lookahead_lr: step size of the look-ahead; ``None`` uses the optimizer's current
@@ -100,7 +102,7 @@ class SampleReweighter:
         num_samples: int,
         loss_fn: Callable[..., Tensor],
         meta_loss: str | MetaLoss = "mean_loss_discrepancy",
-        weight_lr: float = 0.05,
+        weight_lr: float = 0.01,
         weight_optimizer: WeightOptimizer = "adam",
         lookahead_lr: float | None = None,
         reverse_lookahead: bool = False,

@@ -103,13 +103,15 @@ class Proportion:
     """Section 5.5: X_s is ``support_fraction`` of the batch, drawn from ``support_group`` only.
 
     X_q holds the remaining rows of the support group and every other row. The paper's X_q:X_s
-    ratios 80:20 ... 50:50 are ``support_fraction`` 0.2 ... 0.5. The draw is random and seeded;
-    a batch whose support group is too small for the fraction raises a ValueError.
+    ratios 80:20 ... 50:50 are ``support_fraction`` 0.2 ... 0.5. The draw is random and seeded.
+    A batch whose support group is too small for the fraction raises a ValueError, unless
+    ``strict=False``: then X_s takes every row of the support group that the batch has.
     """
 
     support_fraction: float
     support_group: int = 1
     seed: int | None = None
+    strict: bool = True
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +129,8 @@ class Proportion:
         _, g = _checked(y, groups)
         n_support = round(self.support_fraction * g.shape[0])
         candidates = torch.nonzero(g == self.support_group).flatten()
+        if n_support > candidates.numel() and not self.strict:
+            n_support = candidates.numel()
         if n_support > candidates.numel():
             raise ValueError(
                 f"Proportion(support_fraction={self.support_fraction}) needs {n_support} of the "

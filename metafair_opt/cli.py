@@ -1,0 +1,197 @@
+"""The ``metafair-opt`` command: the papers' tabular experiments end to end.
+
+    metafair-opt run                     # a short COMPAS comparison (a few minutes on 2 cores)
+    metafair-opt run --dataset adult --methods baseline,faalgrad --config 1,2 \\
+        --inner-steps 1,10 --seeds 5 --epochs 20 --out results/adult
+    metafair-opt sweep --dataset adult --ratios 80:20,70:30,60:40,50:50
+    metafair-opt datasets
+
+A bad argument or a missing data set ends with exit status 2 and one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from error
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        message = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from error
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metafair-opt",
+        description="Run the FaAlGrad and FORML papers' tabular experiments on bundled data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="compare methods on one data set (mean ± std over seeds)")
+    run.add_argument("--dataset", default="compas",
+                     help="adult, compas, crime, german or crime-forml (default: compas)")
+    run.add_argument("--methods", type=_names,
+                     default=["baseline", "faalgrad", "threshold", "majority"],
+                     help="comma-separated: baseline, faalgrad, forml, threshold, "
+                          "threshold_optimizer, exponentiated_gradient, majority")
+    run.add_argument("--config", type=_ints, default=[1, 2], help="FaAlGrad configs (1,2)")
+    run.add_argument("--inner-steps", type=_ints, default=[1], help="FaAlGrad inner steps (1,10)")
+    run.add_argument("--no-controls", action="store_true",
+                     help="skip the inner_steps=0 control rows")
+    run.add_argument("--split-ratio", type=_names, default=[],
+                     help="X_q:X_s proportions (section 5.5), e.g. 80:20,70:30; replaces --config")
+    run.add_argument("--swap", action="store_true", help="swap the groups (section 5.6)")
+    run.add_argument("--inner-lr", type=float, default=None,
+                     help="FaAlGrad inner learning rate (default: the paper's per data set)")
+    run.add_argument("--weight-lr", type=float, default=0.01, help="FORML weight learning rate")
+    run.add_argument("--weight-optimizer", choices=["adam", "sgd"], default="adam")
+    run.add_argument("--meta-loss", default="mean_loss_discrepancy",
+                     choices=["mean_loss_discrepancy", "max_loss_discrepancy", "cross_entropy"])
+    run.add_argument("--forml-val", choices=["all", "negatives"], default="all",
+                     help="validation rows for FORML's meta-loss (negatives: FPR-gap proxy)")
+    run.add_argument("--seeds", type=int, default=3)
+    run.add_argument("--epochs", type=int, default=10)
+    run.add_argument("--steps", type=int, default=None,
+                     help="train for this many steps instead of --epochs")
+    run.add_argument("--lr", type=float, default=None, help="outer learning rate override")
+    run.add_argument("--batch-size", type=int, default=None)
+    run.add_argument("--hidden", type=_ints, default=None,
+                     help="hidden widths, e.g. 64 or 64,64 (empty for linear: --hidden '')")
+    run.add_argument("--data-dir", default=None, help="read the CSVs from here instead")
+    run.add_argument("--out", default="results", help="output folder (default: results)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1: fastest for these small models)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sweep = sub.add_parser("sweep", help="accuracy vs DP difference over split ratios (Fig. 2)")
+    sweep.add_argument("--dataset", default="adult")
+    sweep.add_argument("--ratios", type=_names, default=["80:20", "70:30", "60:40", "50:50"])
+    sweep.add_argument("--inner-lrs", type=_floats, default=None,
+                       help="inner learning rates to sweep (default: the paper's)")
+    sweep.add_argument("--inner-steps", type=int, default=1)
+    sweep.add_argument("--seeds", type=int, default=3)
+    sweep.add_argument("--epochs", type=int, default=10)
+    sweep.add_argument("--data-dir", default=None)
+    sweep.add_argument("--out", default="results")
+    sweep.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1: fastest for these small models)")
+    sweep.add_argument("--quiet", action="store_true")
+
+    datasets = sub.add_parser("datasets", help="list the data sets with group sizes and base rates")
+    datasets.add_argument("--data-dir", default=None)
+    return parser
+
+
+def _run(args: argparse.Namespace, command: str) -> None:
+    from metafair_opt.integrations.tabular.experiment import (
+        ComparisonConfig,
+        run_comparison,
+        write_results,
+    )
+
+    settings = {}
+    if args.lr is not None:
+        settings["outer_lr"] = args.lr
+    if args.batch_size is not None:
+        settings["batch_size"] = args.batch_size
+    if args.hidden is not None:
+        settings["hidden"] = tuple(args.hidden)
+    config = ComparisonConfig(
+        dataset=args.dataset, methods=args.methods, configs=args.config,
+        inner_steps=args.inner_steps, controls=not args.no_controls,
+        split_ratios=args.split_ratio, swap=args.swap, seeds=args.seeds,
+        epochs=None if args.steps else args.epochs, steps=args.steps, data_dir=args.data_dir,
+        inner_lr=args.inner_lr, weight_lr=args.weight_lr,
+        weight_optimizer=args.weight_optimizer, meta_loss=args.meta_loss,
+        forml_val_rows=args.forml_val, settings=settings,
+    )
+    results = run_comparison(config, quiet=args.quiet)
+    summary = write_results(results, config, Path(args.out), command)
+    print(f"\n{args.dataset}: test metrics, mean ± std over {args.seeds} seed(s)")
+    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+        print(summary.to_string(index=False))
+    print(f"\nwrote {Path(args.out) / 'results.csv'}, results.md and config.json")
+
+
+def _sweep(args: argparse.Namespace, command: str) -> None:
+    from metafair_opt.integrations.tabular.experiment import plot_tradeoff, run_sweep, summarize
+    from metafair_opt.reporting import markdown_table
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, curve = run_sweep(args.dataset, args.ratios, args.inner_lrs or [None],
+                               args.inner_steps, args.seeds, args.epochs, args.data_dir,
+                               quiet=args.quiet)
+    skipped = results.attrs.get("skipped_ratios", [])
+    summary = summarize(results)
+    results.to_csv(out / "sweep.csv", index=False)
+    curve.to_csv(out / "threshold_curve.csv", index=False)
+    note = (f"\n\nSkipped (the protected group is too small): {', '.join(skipped)}"
+            if skipped else "")
+    (out / "sweep.md").write_text(f"Command: `{command}`\n\n{markdown_table(summary)}{note}\n")
+    plot_tradeoff(results, curve, out / "tradeoff.png",
+                  f"{args.dataset}: accuracy vs DP difference")
+    print(summary.to_string(index=False))
+    if skipped:
+        print(f"skipped ratios (protected group too small): {', '.join(skipped)}")
+    print(f"\nwrote {out / 'tradeoff.png'}, sweep.csv, sweep.md, threshold_curve.csv")
+
+
+def _datasets(args: argparse.Namespace) -> None:
+    from metafair_opt.datasets import DATASETS, load_tabular
+
+    for name, spec in DATASETS.items():
+        ds = load_tabular(name, data_dir=args.data_dir)
+        print(f"{name}: {spec.title} - {len(ds)} rows, {ds.X.shape[1]} inputs, "
+              f"y = 1: {ds.outcome}")
+        print(ds.describe().to_string())
+        print()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metafair-opt`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    command = "metafair-opt " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "run":
+            _run(args, command)
+        elif args.command == "sweep":
+            _sweep(args, command)
+        else:
+            _datasets(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError) as error:
+        message = error.args[0] if error.args else str(error)
+        print(f"metafair-opt: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
