@@ -5,6 +5,7 @@
         --inner-steps 1,10 --seeds 5 --epochs 20 --out results/adult
     metafair-opt sweep --dataset adult --ratios 80:20,70:30,60:40,50:50
     metafair-opt datasets
+    metafair-opt vision --dataset colored-digits --method forml --seeds 0,1,2
 
 A bad argument or a missing data set ends with exit status 2 and one line saying what is wrong.
 """
@@ -71,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                      choices=["mean_loss_discrepancy", "max_loss_discrepancy", "cross_entropy"])
     run.add_argument("--forml-val", choices=["all", "negatives"], default="all",
                      help="validation rows for FORML's meta-loss (negatives: FPR-gap proxy)")
+    run.add_argument("--metrics", type=_names, default=["accuracy", "dp_diff", "eo_diff"],
+                     help="summary columns, from: accuracy, dp_diff, eo_diff, dp_ratio, "
+                          "eo_ratio, tpr_disparity, fpr_disparity, max_fpr, max_fnr")
+    run.add_argument("--selection", choices=["best", "last"], default="best",
+                     help="model selection: best validation accuracy, or the last step")
     run.add_argument("--seeds", type=int, default=3)
     run.add_argument("--epochs", type=int, default=10)
     run.add_argument("--steps", type=int, default=None,
@@ -99,6 +105,32 @@ def _parser() -> argparse.ArgumentParser:
                      help="torch CPU threads (default 1: fastest for these small models)")
     sweep.add_argument("--quiet", action="store_true")
 
+    summary = sub.add_parser("summarize", help="one Markdown table from results.csv files")
+    summary.add_argument("results", nargs="+", help="results.csv files written by 'run'")
+    summary.add_argument("--metrics", type=_names, default=["accuracy", "dp_diff", "eo_diff"])
+
+    vision = sub.add_parser("vision", help="ResNet-18 on CIFAR, CelebA or colored digits")
+    vision.add_argument("--dataset", default="colored-digits",
+                        choices=["cifar10", "cifar100", "celeba", "colored-digits"])
+    vision.add_argument("--root", default=None, help="folder with the CIFAR or CelebA files")
+    vision.add_argument("--method", default="baseline", choices=["baseline", "forml", "faalgrad"])
+    vision.add_argument("--epochs", type=int, default=None, help="default: the paper's")
+    vision.add_argument("--batch-size", type=int, default=None)
+    vision.add_argument("--lr", type=float, default=None)
+    vision.add_argument("--weight-lr", type=float, default=0.01)
+    vision.add_argument("--inner-lr", type=float, default=0.01)
+    vision.add_argument("--inner-steps", type=int, default=1)
+    vision.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
+    vision.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    vision.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    vision.add_argument("--channels-last", action="store_true")
+    vision.add_argument("--workers", type=int, default=0)
+    vision.add_argument("--max-steps-per-epoch", type=int, default=None)
+    vision.add_argument("--checkpoint", default=None, help="folder for last.pt (every epoch)")
+    vision.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    vision.add_argument("--out", default="results/vision")
+    vision.add_argument("--quiet", action="store_true")
+
     datasets = sub.add_parser("datasets", help="list the data sets with group sizes and base rates")
     datasets.add_argument("--data-dir", default=None)
     return parser
@@ -125,7 +157,8 @@ def _run(args: argparse.Namespace, command: str) -> None:
         epochs=None if args.steps else args.epochs, steps=args.steps, data_dir=args.data_dir,
         inner_lr=args.inner_lr, weight_lr=args.weight_lr,
         weight_optimizer=args.weight_optimizer, meta_loss=args.meta_loss,
-        forml_val_rows=args.forml_val, settings=settings,
+        forml_val_rows=args.forml_val, report=args.metrics, selection=args.selection,
+        settings=settings,
     )
     results = run_comparison(config, quiet=args.quiet)
     summary = write_results(results, config, Path(args.out), command)
@@ -159,6 +192,50 @@ def _sweep(args: argparse.Namespace, command: str) -> None:
     print(f"\nwrote {out / 'tradeoff.png'}, sweep.csv, sweep.md, threshold_curve.csv")
 
 
+def _summarize(args: argparse.Namespace) -> None:
+    from metafair_opt.integrations.tabular.experiment import summarize
+    from metafair_opt.metrics import BINARY_METRICS
+    from metafair_opt.reporting import markdown_table
+
+    unknown = [m for m in args.metrics if m not in BINARY_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(BINARY_METRICS)}.")
+    frames = []
+    for path in args.results:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"No results file at {path}; 'metafair-opt run' writes one.")
+        frames.append(pd.read_csv(path))
+    print(markdown_table(summarize(pd.concat(frames, ignore_index=True), args.metrics)))
+
+
+def _vision(args: argparse.Namespace, command: str) -> None:
+    from metafair_opt.integrations.vision.training import VisionConfig, train_vision
+    from metafair_opt.reporting import markdown_table
+
+    rows = []
+    for seed in args.seeds:
+        checkpoint = args.checkpoint
+        if checkpoint is not None and len(args.seeds) > 1:
+            checkpoint = str(Path(checkpoint) / f"seed{seed}")
+        config = VisionConfig(
+            dataset=args.dataset, method=args.method, root=args.root, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, weight_lr=args.weight_lr,
+            inner_lr=args.inner_lr, inner_steps=args.inner_steps, device=args.device,
+            amp=args.amp, channels_last=args.channels_last, workers=args.workers, seed=seed,
+            max_steps_per_epoch=args.max_steps_per_epoch, checkpoint=checkpoint,
+            resume=args.resume,
+        )
+        metrics, _ = train_vision(config, quiet=args.quiet)
+        rows.append({"dataset": args.dataset, "method": args.method, "seed": seed, **metrics})
+    frame = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "results.csv", index=False)
+    (out / "results.md").write_text(f"Command: `{command}`\n\n{markdown_table(frame)}\n")
+    print(frame.to_string(index=False))
+    print(f"\nwrote {out / 'results.csv'} and results.md")
+
+
 def _datasets(args: argparse.Namespace) -> None:
     from metafair_opt.datasets import DATASETS, load_tabular
 
@@ -184,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(args, command)
         elif args.command == "sweep":
             _sweep(args, command)
+        elif args.command == "summarize":
+            _summarize(args)
+        elif args.command == "vision":
+            _vision(args, command)
         else:
             _datasets(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError) as error:

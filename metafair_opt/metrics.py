@@ -25,7 +25,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score
 
-__all__ = ["BINARY_METRICS", "binary_fairness_report", "by_group"]
+__all__ = ["BINARY_METRICS", "binary_fairness_report", "by_group", "class_fairness_report"]
 
 #: The columns of :func:`binary_fairness_report`, in order, with what each means.
 BINARY_METRICS: dict[str, str] = {
@@ -94,4 +94,19 @@ def binary_fairness_report(y_true: Any, y_pred: Any, groups: Any) -> dict[str, f
         "fpr_disparity": float(differences["fpr"]),
         "max_fpr": float(highest["fpr"]),
         "max_fnr": float(highest["fnr"]),
+    }
+
+
+def class_fairness_report(y_true: Any, y_pred: Any) -> dict[str, float]:
+    """Class-based fairness of multi-class predictions (FORML's CIFAR setting).
+
+    The group of a row is its true class, so the TPR of a group is that class's recall:
+    ``tpr_disparity`` is max - min recall over classes and ``max_fnr`` is 1 - min recall.
+    """
+    t, p, _ = _arrays(y_true, y_pred, y_true)
+    recall = MetricFrame(metrics=accuracy_score, y_true=t, y_pred=p, sensitive_features=t)
+    return {
+        "accuracy": float(accuracy_score(t, p)),
+        "tpr_disparity": float(recall.difference(method="between_groups")),
+        "max_fnr": float(1.0 - recall.group_min()),
     }

@@ -65,3 +65,15 @@ def test_by_group_table() -> None:
 def test_length_mismatch_is_reported() -> None:
     with pytest.raises(ValueError, match=r"one entry per row; got sizes \[3, 2, 3\]"):
         binary_fairness_report([0, 1, 1], [0, 1], [0, 0, 1])
+
+
+def test_class_fairness_report_by_hand() -> None:
+    from metafair_opt.metrics import class_fairness_report
+
+    t = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    p = np.array([0, 0, 0, 1, 1, 0, 2, 2, 2, 2])
+    # recalls: class 0 0.75, class 1 0.5, class 2 1.0
+    report = class_fairness_report(t, p)
+    assert report["accuracy"] == pytest.approx(0.8)
+    assert report["tpr_disparity"] == pytest.approx(0.5)
+    assert report["max_fnr"] == pytest.approx(0.5)

@@ -191,3 +191,20 @@ def test_command_datasets_lists_all(capsys) -> None:
     for name in ("adult", "compas", "crime", "crime-forml", "german"):
         assert f"{name}:" in printed
     assert "non-Caucasian" in printed
+
+
+def test_command_summarize_combines_results(tmp_path, capsys) -> None:
+    rows = pd.DataFrame({
+        "dataset": "x", "seed": [0, 1, 0, 1], "method": ["a", "a", "b", "b"],
+        "family": "baseline", "sensitive_at_prediction": False,
+        "accuracy": [0.5, 0.7, 0.8, 0.8], "fpr_disparity": [0.1, 0.3, 0.0, 0.2],
+    })
+    rows.iloc[:2].to_csv(tmp_path / "a.csv", index=False)
+    rows.iloc[2:].to_csv(tmp_path / "b.csv", index=False)
+    assert main(["summarize", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                 "--metrics", "accuracy,fpr_disparity"]) == 0
+    table = capsys.readouterr().out
+    assert "| a | baseline | no | 2 | 60.0 ± 14.1 | 0.200 ± 0.141 |" in table
+    assert "| b | baseline | no | 2 | 80.0 ± 0.0 | 0.100 ± 0.141 |" in table
+    assert main(["summarize", str(tmp_path / "a.csv"), "--metrics", "speed"]) == 2
+    assert "Unknown metric(s) ['speed']" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from metafair_opt.integrations.tabular.training import (
 from tqdm.auto import tqdm
 
 from metafair_opt.datasets import load_tabular
-from metafair_opt.metrics import binary_fairness_report
+from metafair_opt.metrics import BINARY_METRICS, binary_fairness_report
 from metafair_opt.reporting import markdown_table
 
 __all__ = [
@@ -76,6 +76,8 @@ class ComparisonConfig:
     weight_optimizer: str = "adam"
     meta_loss: str = "mean_loss_discrepancy"
     forml_val_rows: str = "all"
+    report: Sequence[str] = HEADLINE
+    selection: str = "best"
     settings: dict[str, Any] = field(default_factory=dict)
 
     def model_settings(self) -> ModelSettings:
@@ -126,6 +128,9 @@ def _family(spec: MethodSpec) -> str:
 
 def run_comparison(config: ComparisonConfig, quiet: bool = False) -> pd.DataFrame:
     """Train and evaluate every requested method for every seed; one row per (seed, method)."""
+    unknown = [m for m in config.report if m not in BINARY_METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(BINARY_METRICS)}.")
     ds = load_tabular(config.dataset, data_dir=config.data_dir)
     settings = config.model_settings()
     specs = config.trained_methods()
@@ -157,7 +162,7 @@ def run_comparison(config: ComparisonConfig, quiet: bool = False) -> pd.DataFram
                 bar.update(done - bar.n)
 
             scores = train(spec, data, settings, seed, epochs=config.epochs, steps=config.steps,
-                           progress=progress)
+                           progress=progress, selection=config.selection)
             epoch_bar.close()
             extra: dict[str, Any] = {"best_eval": scores.best_epoch}
             if scores.alignment:
@@ -202,6 +207,11 @@ def summarize(results: pd.DataFrame, metrics: Sequence[str] = HEADLINE) -> pd.Da
         digits = 1 if metric == "accuracy" else 3
         table[metric] = [f"{mean[m] * scale:.{digits}f} ± {std[m] * scale:.{digits}f}"
                          for m in order]
+    if "weight_min" in results:
+        low, high = grouped["weight_min"].min(), grouped["weight_max"].max()
+        table["normalised weights (min-max)"] = [
+            "" if pd.isna(low[m]) else f"{low[m]:.3f}-{high[m]:.3f}" for m in order
+        ]
     return table.reset_index()
 
 
@@ -209,12 +219,15 @@ def write_results(results: pd.DataFrame, config: ComparisonConfig | dict[str, An
                   command: str) -> pd.DataFrame:
     """Write results.csv (per seed), results.md (summary) and config.json into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(results)
+    report = config.report if isinstance(config, ComparisonConfig) else HEADLINE
+    summary = summarize(results, report)
     results.to_csv(out / "results.csv", index=False)
     config_dict = asdict(config) if isinstance(config, ComparisonConfig) else dict(config)
     (out / "config.json").write_text(json.dumps({"command": command, **config_dict}, indent=2,
                                                 default=list))
-    header = (f"Command: `{command}`\n\nAccuracy in %, mean ± std over seeds, test split.\n\n")
+    header = (f"Command: `{command}`\n\nAccuracy in %, mean ± std over seeds, test split. "
+              "Normalised weights: softmax of the learned table times its size (1 = uniform)."
+              "\n\n")
     (out / "results.md").write_text(header + markdown_table(summary) + "\n")
     return summary
 

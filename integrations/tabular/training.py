@@ -156,12 +156,18 @@ def train(
     epochs: int | None = 20,
     steps: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    selection: str = "best",
 ) -> TrainedScores:
-    """Train ``spec`` on ``data`` and return validation/test scores of the best epoch.
+    """Train ``spec`` on ``data`` and return validation/test scores of the selected model.
 
     Give ``epochs`` (evaluate after each) or ``steps`` (evaluate every 1/20 of them).
-    ``progress(done, total)`` is called after each evaluation.
+    ``selection="best"`` keeps the evaluation with the highest validation accuracy;
+    ``"last"`` keeps the final parameters (the FORML paper's choice for FORML, which already
+    optimises against the validation set). ``progress(done, total)`` is called after each
+    evaluation.
     """
+    if selection not in ("best", "last"):
+        raise ValueError(f"selection must be 'best' or 'last'; got {selection!r}.")
     torch.manual_seed(seed)
     model = build_mlp(data.in_features, settings.hidden, settings.activation)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
@@ -188,7 +194,7 @@ def train(
                 predicted = _scores(model, data.x["val"]) > 0
                 accuracy = float((predicted == data.y["val"].numpy().astype(bool)).mean())
                 history.append(accuracy)
-                if accuracy > best[0]:
+                if accuracy > best[0] or selection == "last":
                     best = (accuracy, len(history), copy.deepcopy(model.state_dict()))
                 if progress is not None:
                     progress(len(history), -(-total_steps // eval_every))
