@@ -93,6 +93,9 @@ class SampleReweighter:
             large data sets). A step reads and writes only the batch's rows.
         adam_betas, adam_eps: Adam's constants for ``weight_optimizer="adam"``.
         check_finite: raise FloatingPointError on a NaN/inf loss or meta-gradient.
+        meta_every: update the weights on every ``meta_every``-th step only (counting from the
+            first); the steps in between are plain weighted steps with the current weights and
+            do not need a validation batch (``val=None`` is accepted there).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class SampleReweighter:
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         check_finite: bool = True,
+        meta_every: int = 1,
     ) -> None:
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples}.")
@@ -133,6 +137,9 @@ class SampleReweighter:
         self.adam_betas = (float(adam_betas[0]), float(adam_betas[1]))
         self.adam_eps = float(adam_eps)
         self.check_finite = bool(check_finite)
+        if int(meta_every) != meta_every or meta_every < 1:
+            raise ValueError(f"meta_every must be a positive integer; got {meta_every}.")
+        self.meta_every = int(meta_every)
         self._fmodel = FunctionalModel(model)
         check_optimizer_holds(self._fmodel.named_params, optimizer)
         device = torch.device(weight_device) if weight_device is not None else (
@@ -167,6 +174,7 @@ class SampleReweighter:
             "ema_decay": self.ema_decay,
             "adam_betas": self.adam_betas,
             "adam_eps": self.adam_eps,
+            "meta_every": self.meta_every,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -262,34 +270,76 @@ class SampleReweighter:
         return torch.nonzero(keep).flatten()
 
     # ------------------------------------------------------------------------------- step
-    def step(self, x: Batch, y: Any, idx: Any, val: tuple[Batch, Any, Any]) -> ReweightResult:
+    def step(
+        self, x: Batch, y: Any, idx: Any, val: tuple[Batch, Any, Any] | None
+    ) -> ReweightResult:
         """One FORML step on training rows ``(x, y)`` with table rows ``idx``, then the update.
 
-        ``val`` is a validation batch ``(x_val, y_val, groups_val)``. Call :meth:`zero_grad`
+        ``val`` is a validation batch ``(x_val, y_val, groups_val)`` (unused, and may be None,
+        on the steps between weight updates when ``meta_every > 1``). Call :meth:`zero_grad`
         first, as with any optimizer. On any error nothing changes: parameters, gradients,
         buffers, optimizer state, weight table, Adam and EMA tables stay as they were.
         """
         fm = self._fmodel
         n = check_same_batch_size(x, y)
         idx = self._checked_indices(idx, n)
-        x_val, y_val, g_val = self._checked_validation(val)
+        meta_step = self.step_count % self.meta_every == 0
+        if meta_step:
+            if val is None:
+                raise TypeError("val must be a validation batch (x_val, y_val, groups_val).")
+            x_val, y_val, g_val = self._checked_validation(val)
 
-        has_buffers = bool(fm.buffer_names)
-        committed = fm.clone_buffers() if has_buffers else {}
-        scratch = fm.clone_buffers() if has_buffers else {}
+        committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params
-
         losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
         rows, inverse = torch.unique(idx, return_inverse=True)
-        logits = self._table[rows].to(losses.device).requires_grad_(True)
-        weights = torch.softmax(logits[inverse.to(losses.device)], dim=0)
-        weighted = (weights * losses).sum()
+        inverse = inverse.to(losses.device)
+        meta: Tensor | None = None
+        adam_rows: dict[str, Tensor] | None = None
+        group_losses: dict[int, float] = {}
+        if meta_step:
+            meta, row_grads, val_losses = self._meta_gradient(
+                theta, losses, rows, inverse, x_val, y_val, g_val
+            )
+            new_rows, adam_rows = self._updated_rows(rows, row_grads)
+            ids, means = group_mean_losses(val_losses, g_val.to(val_losses.device))
+            group_losses = {int(g): float(m) for g, m in zip(ids.tolist(), means.tolist())}
+        else:
+            new_rows = self._table[rows]
+        new_weights = torch.softmax(new_rows.to(losses.device)[inverse], dim=0)
+        final_loss = (new_weights * losses).sum()
+        final_grads = torch.autograd.grad(final_loss, theta, allow_unused=True)
 
+        # Everything was computed without side effects; now commit.
+        if meta_step:
+            self._table[rows] = new_rows
+        if adam_rows is not None:
+            self._store_adam_rows(rows, adam_rows)
+        self._update_ema(rows, inverse, (new_weights * n * losses).detach())
+        apply_gradients(fm, self.optimizer, final_grads, committed)
+        self.step_count += 1
+        return ReweightResult(
+            loss=float(final_loss.detach()),
+            meta_loss=float("nan") if meta is None else float(meta.detach()),
+            batch_weights=(new_weights.detach() * n).cpu(),
+            group_losses=group_losses,
+        )
+
+    def _meta_gradient(
+        self, theta: tuple[Tensor, ...], losses: Tensor, rows: Tensor, inverse: Tensor,
+        x_val: Batch, y_val: Any, g_val: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The meta-loss at the look-ahead parameters and its gradient on the batch's rows."""
+        fm = self._fmodel
+        logits = self._table[rows].to(losses.device).requires_grad_(True)
+        weighted = (torch.softmax(logits[inverse], dim=0) * losses).sum()
         lookahead = self._lookahead_transform()
+        # retain_graph (implied by create_graph) keeps the training forward for the final update.
         grads = torch.autograd.grad(weighted, theta, create_graph=True, materialize_grads=True)
         updates, _ = lookahead.update(grads, lookahead.init(theta), params=theta, inplace=False)
         theta_tilde = tuple(torchopt.apply_updates(theta, updates, inplace=False))
 
+        scratch = fm.clone_buffers() if fm.buffer_names else {}
         val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
                                              "validation loss")
         meta = self._meta_loss_fn(val_losses, g_val.to(val_losses.device))
@@ -302,27 +352,7 @@ class SampleReweighter:
             row_grads = torch.zeros_like(logits)
         if self.check_finite:
             check_finite(row_grads, "meta-gradient of the batch's weights")
-
-        new_rows, adam_rows = self._updated_rows(rows, row_grads.detach().to(self._table.device))
-        new_weights = torch.softmax(new_rows.to(losses.device)[inverse.to(losses.device)], dim=0)
-        final_loss = (new_weights * losses).sum()
-        final_grads = torch.autograd.grad(final_loss, theta, allow_unused=True)
-
-        # Everything was computed without side effects; now commit.
-        self._table[rows] = new_rows
-        if adam_rows is not None:
-            self._store_adam_rows(rows, adam_rows)
-        self._update_ema(rows, inverse, (new_weights * n * losses).detach())
-        apply_gradients(fm, self.optimizer, final_grads, committed)
-        self.step_count += 1
-
-        ids, means = group_mean_losses(val_losses.detach(), g_val.to(val_losses.device))
-        return ReweightResult(
-            loss=float(final_loss.detach()),
-            meta_loss=float(meta.detach()),
-            batch_weights=(new_weights.detach() * n).cpu(),
-            group_losses={int(g): float(m) for g, m in zip(ids.tolist(), means.tolist())},
-        )
+        return meta, row_grads.detach().to(self._table.device), val_losses.detach()
 
     # ------------------------------------------------------------------------- internals
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:

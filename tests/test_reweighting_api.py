@@ -107,6 +107,34 @@ def test_custom_callable_meta_loss_is_used() -> None:
     assert result.meta_loss == pytest.approx(max(result.group_losses.values()), abs=1e-6)
 
 
+def test_meta_every_updates_weights_on_every_kth_step_only() -> None:
+    model, reference = bn_model(11), bn_model(11)
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=40,
+                          loss_fn=F.cross_entropy, weight_lr=0.1, meta_every=2)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    idx = torch.arange(16)
+    x, y, xv, yv, gv = data(seed=12)
+    rw.step(x, y, idx, val=(xv, yv, gv))  # step 0: a meta step
+    after_meta = rw.weights
+    assert after_meta[:16].abs().max() > 0
+    reference.load_state_dict(model.state_dict())
+    rw.zero_grad()
+    result = rw.step(x, y, idx, val=None)  # step 1: plain weighted step with the current weights
+    assert torch.equal(rw.weights, after_meta)
+    assert result.group_losses == {} and result.meta_loss != result.meta_loss  # NaN
+    weights = torch.softmax(after_meta[:16], dim=0)
+    ref_opt.zero_grad()
+    (weights * F.cross_entropy(reference(x), y, reduction="none")).sum().backward()
+    ref_opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(TypeError, match=r"val must be a validation batch"):
+        rw.step(x, y, idx, val=None)  # step 2 is a meta step again
+    with pytest.raises(ValueError, match="meta_every must be a positive integer"):
+        SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=4,
+                         loss_fn=F.cross_entropy, meta_every=0)
+
+
 # ---------------------------------------------------------------------------- bad input
 def trained(seed: int = 6):
     model = bn_model(seed)

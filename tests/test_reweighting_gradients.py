@@ -133,7 +133,7 @@ def test_model_update_matches_hand_computation() -> None:
         assert torch.allclose(got, want, rtol=0, atol=1e-12)
     assert torch.allclose(rw.weights[rows], new_rows, atol=1e-12)
     assert torch.allclose(result.batch_weights, new_weights * 8, atol=1e-12)
-    assert result.loss == pytest.approx(float(final), abs=1e-12)
+    assert result.loss == pytest.approx(float(final.detach()), abs=1e-12)
     assert result.meta_loss == pytest.approx(float(meta), abs=1e-12)
 
 
