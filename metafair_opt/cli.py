@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--out", default="results/vision")
     vision.add_argument("--quiet", action="store_true")
 
+    bench = sub.add_parser("bench", help="per-step overhead against a plain step and peers")
+    bench.add_argument("--workload", default="mlp", choices=["mlp", "resnet18", "all"])
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--quick", action="store_true", help="fewer repeats")
+    bench.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     datasets = sub.add_parser("datasets", help="list the data sets with group sizes and base rates")
     datasets.add_argument("--data-dir", default=None)
     return parser
@@ -236,6 +243,33 @@ def _vision(args: argparse.Namespace, command: str) -> None:
     print(f"\nwrote {out / 'results.csv'} and results.md")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from metafair_opt.benchmark import WORKLOADS, run_suite
+    from metafair_opt.reporting import markdown_table
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device.")
+    workloads = WORKLOADS if args.workload == "all" else (args.workload,)
+    records = run_suite(workloads, args.device, quick=args.quick,
+                        progress=lambda text: print(text, file=sys.stderr))
+    timings = [r for r in records if "variant" in r]
+    checks = [r for r in records if "check" in r]
+    if args.format == "json":
+        print(json.dumps(timings, indent=2))
+    elif args.format == "csv":
+        print(pd.DataFrame(timings).to_csv(index=False), end="")
+    else:
+        print(markdown_table(pd.DataFrame(timings)))
+    for check in checks:
+        print(f"{check['workload']}: {check['check']}: max |grad difference| "
+              f"{check['max_abs_grad_diff']:.3g}", file=sys.stderr)
+
+
 def _datasets(args: argparse.Namespace) -> None:
     from metafair_opt.datasets import DATASETS, load_tabular
 
@@ -265,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _summarize(args)
         elif args.command == "vision":
             _vision(args, command)
+        elif args.command == "bench":
+            _bench(args)
         else:
             _datasets(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError) as error:

@@ -1,0 +1,136 @@
+"""Per-step overhead benchmarks: ``pytest benchmarks/ --benchmark-only``.
+
+Kept out of the default test run (``testpaths = ["tests"]``). Every ratio is measured against a
+plain step timed in the same process, interleaved (A B A B ...), so machine load cancels out. The
+targets are the ones of the benchmarks issue; a missed target fails its benchmark with the measured
+figure in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from metafair_opt.benchmark import (
+    VARIANTS,
+    WORKLOADS,
+    make_step,
+    make_workload,
+    time_interleaved,
+)
+from metafair_opt.reweighting import SampleReweighter
+
+#: Upper bounds on the median step time as a multiple of the plain step's.
+RATIO_TARGETS = {
+    ("mlp", "alignment"): 2.0, ("resnet18", "alignment"): 1.9,
+    ("mlp", "alignment_first_order"): 1.4, ("resnet18", "alignment_first_order"): 1.1,
+    ("mlp", "reweighter"): 2.8, ("resnet18", "reweighter"): 3.4,
+}
+#: Peak resident memory of the step above the process's before it, as a multiple of plain's.
+MEMORY_TARGETS = {("resnet18", "alignment"): 1.5, ("resnet18", "reweighter"): 1.6}
+REPEATS = {"mlp": 100, "resnet18": 12}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_core():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "plain"])
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_step_overhead(benchmark, workload: str, variant: str) -> None:
+    w = make_workload(workload)
+    step, _ = make_step(variant, w)
+    plain, _ = make_step("plain", w)
+    per_call = 5 if variant == "reweighter_every_5" else 1
+    timed = step
+    if per_call > 1:
+        def timed() -> None:
+            for _ in range(per_call):
+                step()
+    medians = time_interleaved({"plain": plain, variant: timed}, REPEATS[workload],
+                               per_call={variant: per_call})
+    ratio = medians[variant] / medians["plain"]
+    benchmark.extra_info.update(plain_ms=medians["plain"], median_ms=medians[variant],
+                                ratio_to_plain=ratio)
+    benchmark.pedantic(step, rounds=5 if workload == "resnet18" else 30, warmup_rounds=2)
+    target = RATIO_TARGETS.get((workload, variant))
+    if target is not None:
+        assert ratio <= target, f"{workload} {variant}: {ratio:.2f}x the plain step > {target}x"
+
+
+@pytest.mark.parametrize("ours", ["alignment", "reweighter"])
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_faster_than_peers(benchmark, workload: str, ours: str) -> None:
+    """Faster than higher; never more than 5 % slower than the hand-written torch.func step."""
+    w = make_workload(workload)
+    steps = {name: make_step(name, w)[0]
+             for name in (ours, f"higher_{ours}", f"torchfunc_{ours}")}
+    medians = time_interleaved(steps, REPEATS[workload])
+    benchmark.extra_info.update(medians)
+    benchmark.pedantic(steps[ours], rounds=3, warmup_rounds=1)
+    assert medians[ours] < medians[f"higher_{ours}"], medians
+    assert medians[ours] <= 1.05 * medians[f"torchfunc_{ours}"], medians
+
+
+def test_reweighter_step_time_is_flat_in_table_size(benchmark) -> None:
+    w = make_workload("mlp")
+    steps = {}
+    for n in (10**3, 10**5, 10**7):
+        model = w.model(torch.device("cpu"))
+        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=1e-3),
+                              num_samples=n, loss_fn=w.loss, weight_lr=0.01)
+        idx = torch.arange(256) * (n // 256)
+
+        def step(rw=rw, idx=idx) -> None:
+            rw.zero_grad()
+            rw.step(w.x, w.y, idx, val=(w.x_val, w.y_val, w.g_val))
+        steps[str(n)] = step
+    medians = time_interleaved(steps, 100)
+    benchmark.extra_info.update(medians)
+    benchmark.pedantic(steps["10000000"], rounds=10, warmup_rounds=2)
+    assert medians["10000000"] <= 1.10 * medians["1000"], medians
+
+
+_RSS_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from metafair_opt.benchmark import make_step, make_workload
+    def rss_kb(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    w = make_workload(sys.argv[1])
+    step, _ = make_step(sys.argv[2], w)
+    step()  # lazily created state (optimizer moments, weight tables) is not the step's peak
+    before = rss_kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    step()
+    print(json.dumps({"peak_mb": (rss_kb("VmHWM") - before) / 1024}))
+""")
+
+
+def step_peak_rss_mb(workload: str, variant: str) -> float:
+    """Peak RSS of one step above the RSS before it, in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, workload, variant],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+@pytest.mark.parametrize("variant", ["alignment", "reweighter"])
+def test_step_memory_against_plain(benchmark, variant: str) -> None:
+    plain = step_peak_rss_mb("resnet18", "plain")
+    ours = step_peak_rss_mb("resnet18", variant)
+    ratio = ours / plain
+    benchmark.extra_info.update(plain_mb=plain, peak_mb=ours, ratio_to_plain=ratio)
+    benchmark.pedantic(lambda: None, rounds=1)
+    target = MEMORY_TARGETS[("resnet18", variant)]
+    assert ratio <= target, f"resnet18 {variant}: {ours:.0f} MB = {ratio:.2f}x plain's {plain:.0f} MB"

@@ -1,0 +1,357 @@
+"""Per-step overhead of the meta-optimisers against a plain step and against peers.
+
+Workloads (issue "Benchmarks"): ``mlp`` (W1: 100 inputs, two hidden layers of 64, ReLU, one
+logit; batch 256 split 80/176 into X_s/X_q) and ``resnet18`` (W2: our ResNet-18 builder on
+3x32x32, batch 64 split 24/40, BatchNorm in train mode). The reweighter variants use the same
+training batch and a validation batch of 64 rows from two groups.
+
+Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
+``alignment`` (second order, 1 inner step), ``alignment_first_order``, ``alignment_5_inner``,
+``reweighter`` and ``reweighter_every_5`` (``meta_every=5``, amortised), and the same steps written
+with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``.
+Every implementation of a variant is checked to give the same gradients before anything is timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metafair_opt.alignment import GradientAlignmentWrapper
+from metafair_opt.reweighting import SampleReweighter
+
+__all__ = [
+    "VARIANTS",
+    "WORKLOADS",
+    "Workload",
+    "check_agreement",
+    "make_step",
+    "make_workload",
+    "peak_live_mb",
+    "time_interleaved",
+]
+
+WORKLOADS = ("mlp", "resnet18")
+VARIANTS = (
+    "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
+    "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
+    "torchfunc_reweighter",
+)
+INNER_LR = 0.01
+LOOKAHEAD_LR = 0.01
+
+
+@dataclass
+class Workload:
+    """A model factory and fixed batches (train, its X_s/X_q split, and a validation batch)."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    x: Tensor
+    y: Tensor
+    support: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    g_val: Tensor
+    loss: Callable[..., Tensor]
+
+    def model(self, device: torch.device) -> nn.Module:
+        torch.manual_seed(0)
+        return self.build().to(device).train()
+
+
+def _bce(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    return F.binary_cross_entropy_with_logits(output.reshape(-1), target, reduction=reduction)
+
+
+def make_workload(name: str, device: torch.device | str = "cpu") -> Workload:
+    """W1 (``mlp``) or W2 (``resnet18``) with seeded data on ``device``."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        def build() -> nn.Module:
+            return nn.Sequential(nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                 nn.Linear(64, 1))
+        x, x_val = torch.randn(256, 100, generator=g), torch.randn(64, 100, generator=g)
+        y = (torch.rand(256, generator=g) > 0.5).float()
+        y_val = (torch.rand(64, generator=g) > 0.5).float()
+        n_support, loss = 80, _bce
+    elif name == "resnet18":
+        from metafair_opt.integrations.vision.models import build_resnet18
+
+        def build() -> nn.Module:
+            return build_resnet18(10, small_input=True)
+        x = torch.randn(64, 3, 32, 32, generator=g)
+        x_val = torch.randn(64, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (64,), generator=g)
+        y_val = torch.randint(0, 10, (64,), generator=g)
+        n_support, loss = 24, F.cross_entropy
+    else:
+        raise ValueError(f"Unknown workload {name!r}; choose from {list(WORKLOADS)}.")
+    support = torch.zeros(x.shape[0], dtype=torch.bool)
+    support[:n_support] = True
+    return Workload(name, build, x.to(device), y.to(device), support.to(device),
+                    x_val.to(device), y_val.to(device), (torch.arange(64) % 2).to(device), loss)
+
+
+# ------------------------------------------------------------------------------- peers
+def _higher_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable[[], None]:
+    import higher
+
+    inner = torch.optim.SGD(model.parameters(), lr=INNER_LR)
+    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
+
+    def step() -> None:
+        optimizer.zero_grad()
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
+                                  track_higher_grads=True) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(w.loss(fmodel(xs), ys))
+            w.loss(fmodel(xq), yq).backward()
+        optimizer.step()
+    return step
+
+
+def _torchfunc_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable[[], None]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
+
+    def step() -> None:
+        optimizer.zero_grad()
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        fast = params
+        for _ in range(steps):
+            out = functional_call(model, ({**dict(zip(names, fast)), **buffers}), (xs,))
+            grads = torch.autograd.grad(w.loss(out, ys), fast, create_graph=True)
+            fast = [p - INNER_LR * g for p, g in zip(fast, grads)]
+        query = w.loss(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
+        for p, g in zip(params, torch.autograd.grad(query, params)):
+            p.grad = g
+        optimizer.step()
+    return step
+
+
+def _higher_reweighter(model, optimizer, w: Workload, table: Tensor) -> Callable[[], None]:
+    import higher
+
+    from metafair_opt.meta_losses import mean_loss_discrepancy
+
+    inner = torch.optim.SGD(model.parameters(), lr=LOOKAHEAD_LR)
+
+    def step() -> None:
+        logits = table.clone().requires_grad_(True)
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=True) as (fmodel, diffopt):
+            weights = torch.softmax(logits, 0)
+            diffopt.step((weights * w.loss(fmodel(w.x), w.y, reduction="none")).sum())
+            meta = mean_loss_discrepancy(w.loss(fmodel(w.x_val), w.y_val, reduction="none"),
+                                         w.g_val)
+            (grad,) = torch.autograd.grad(meta, logits)
+        with torch.no_grad():
+            table.sub_(grad, alpha=0.01)  # plain SGD keeps the peers comparable and simple
+        optimizer.zero_grad()
+        (torch.softmax(table, 0) * w.loss(model(w.x), w.y, reduction="none")).sum().backward()
+        optimizer.step()
+    return step
+
+
+def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor) -> Callable[[], None]:
+    from metafair_opt.meta_losses import mean_loss_discrepancy
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        logits = table.clone().requires_grad_(True)
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        losses = w.loss(model(w.x), w.y, reduction="none")
+        weighted = (torch.softmax(logits, 0) * losses).sum()
+        grads = torch.autograd.grad(weighted, params, create_graph=True)
+        fast = {n: p - LOOKAHEAD_LR * g for n, p, g in zip(names, params, grads)}
+        val = functional_call(model, {**fast, **buffers}, (w.x_val,))
+        meta = mean_loss_discrepancy(w.loss(val, w.y_val, reduction="none"), w.g_val)
+        (grad,) = torch.autograd.grad(meta, logits, retain_graph=True)
+        with torch.no_grad():
+            table.sub_(grad, alpha=0.01)
+        final = (torch.softmax(table, 0) * losses).sum()
+        for p, g in zip(params, torch.autograd.grad(final, params)):
+            p.grad = g
+        optimizer.step()
+    return step
+
+
+# ---------------------------------------------------------------------------- variants
+def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
+              lr: float = 1e-3) -> tuple[Callable[[], None], nn.Module]:
+    """A zero-argument training step of ``variant`` on ``w`` and the model it trains."""
+    device = torch.device(device)
+    model = w.model(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
+    n = w.x.shape[0]
+    idx = torch.arange(n, device=device)
+    val = (w.x_val, w.y_val, w.g_val)
+    if variant == "plain":
+        def plain() -> None:
+            optimizer.zero_grad()
+            w.loss(model(w.x), w.y).backward()
+            optimizer.step()
+        return plain, model
+    if variant.startswith("alignment"):
+        aligner = GradientAlignmentWrapper(
+            model, optimizer, loss_fn=w.loss, inner_lr=INNER_LR,
+            inner_steps=5 if variant == "alignment_5_inner" else 1,
+            first_order=variant == "alignment_first_order",
+        )
+
+        def align() -> None:
+            aligner.zero_grad()
+            aligner.step(support=(xs, ys), query=(xq, yq))
+        return align, model
+    if variant.startswith("reweighter"):
+        every = 5 if variant == "reweighter_every_5" else 1
+        rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
+                              weight_lr=0.01, weight_optimizer="sgd",
+                              lookahead_lr=LOOKAHEAD_LR, meta_every=every)
+
+        def reweight() -> None:
+            rw.zero_grad()
+            rw.step(w.x, w.y, idx, val=val)
+        return reweight, model
+    table = torch.zeros(n, device=device)
+    peers = {
+        "higher_alignment": lambda: _higher_alignment(model, optimizer, w),
+        "torchfunc_alignment": lambda: _torchfunc_alignment(model, optimizer, w),
+        "higher_reweighter": lambda: _higher_reweighter(model, optimizer, w, table),
+        "torchfunc_reweighter": lambda: _torchfunc_reweighter(model, optimizer, w, table),
+    }
+    if variant not in peers:
+        raise ValueError(f"Unknown variant {variant!r}; choose from {list(VARIANTS)}.")
+    return peers[variant](), model
+
+
+def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Max absolute gradient difference between our step and each peer (one step, lr=0).
+
+    Returns ``{"alignment vs higher": ..., ...}``; a large value is a bug in a benchmark peer.
+    """
+    def grads(variant: str) -> list[Tensor]:
+        step, model = make_step(variant, w, device, lr=0.0)
+        step()
+        return [p.grad.detach().clone() for p in model.parameters()]
+
+    report = {}
+    for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment")),
+                        ("reweighter", ("higher_reweighter", "torchfunc_reweighter"))):
+        reference = grads(ours)
+        for peer in peers:
+            other = grads(peer)
+            report[f"{ours} vs {peer}"] = max(float((a - b).abs().max())
+                                              for a, b in zip(reference, other))
+    return report
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3,
+                     device: torch.device | str = "cpu",
+                     per_call: dict[str, int] | None = None) -> dict[str, float]:
+    """Median milliseconds per step of each callable, timed A B A B ... in one process.
+
+    ``per_call`` says how many steps one call performs (for amortised variants).
+    """
+    device = torch.device(device)
+    per_call = per_call or {}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1000 / per_call.get(name, 1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cpu") -> float:
+    """Peak bytes of tensors allocated during one ``step`` above what was live before, in MB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the allocations and
+    frees that ``torch.profiler`` records during the step.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"),
+                    key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quick: bool = False,
+              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Time every variant of every workload (interleaved, one process) and measure memory."""
+    device = torch.device(device)
+    records: list[dict[str, Any]] = []
+    for name in workloads:
+        w = make_workload(name, device)
+        if progress:
+            progress(f"{name}: checking that every implementation agrees")
+        agreement = check_agreement(w, device)
+        steps = {}
+        for variant in VARIANTS:
+            step, _ = make_step(variant, w, device)
+            steps[variant] = step if variant != "reweighter_every_5" else _repeat(step, 5)
+        repeats = (10 if quick else 50) if name == "resnet18" else (30 if quick else 200)
+        if progress:
+            progress(f"{name}: timing {len(steps)} variants x {repeats} interleaved repeats")
+        medians = time_interleaved(steps, repeats, device=device,
+                                   per_call={"reweighter_every_5": 5})
+        for variant in VARIANTS:
+            step, _ = make_step(variant, w, device)
+            step()  # warm: lazily created state is not part of the step's peak
+            records.append({
+                "workload": name,
+                "variant": variant,
+                "median_ms": round(medians[variant], 4),
+                "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
+                "peak_live_mb": round(peak_live_mb(step, device), 2),
+            })
+        for key, diff in agreement.items():
+            records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})
+    return records
+
+
+def _repeat(step: Callable[[], None], times: int) -> Callable[[], None]:
+    def repeated() -> None:
+        for _ in range(times):
+            step()
+    return repeated
