@@ -133,4 +133,6 @@ def test_step_memory_against_plain(benchmark, variant: str) -> None:
     benchmark.extra_info.update(plain_mb=plain, peak_mb=ours, ratio_to_plain=ratio)
     benchmark.pedantic(lambda: None, rounds=1)
     target = MEMORY_TARGETS[("resnet18", variant)]
-    assert ratio <= target, f"resnet18 {variant}: {ours:.0f} MB = {ratio:.2f}x plain's {plain:.0f} MB"
+    assert ratio <= target, (
+        f"resnet18 {variant}: {ours:.0f} MB = {ratio:.2f}x plain's {plain:.0f} MB"
+    )

@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--channels-last", action="store_true")
     vision.add_argument("--workers", type=int, default=0)
     vision.add_argument("--max-steps-per-epoch", type=int, default=None)
+    vision.add_argument("--image-size", type=int, default=None,
+                        help="image side for colored-digits (default 32) and celeba (128)")
     vision.add_argument("--checkpoint", default=None, help="folder for last.pt (every epoch)")
     vision.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     vision.add_argument("--out", default="results/vision")
@@ -231,6 +233,7 @@ def _vision(args: argparse.Namespace, command: str) -> None:
             amp=args.amp, channels_last=args.channels_last, workers=args.workers, seed=seed,
             max_steps_per_epoch=args.max_steps_per_epoch, checkpoint=checkpoint,
             resume=args.resume,
+            extra={} if args.image_size is None else {"image_size": args.image_size},
         )
         metrics, _ = train_vision(config, quiet=args.quiet)
         rows.append({"dataset": args.dataset, "method": args.method, "seed": seed, **metrics})

@@ -110,7 +110,8 @@ def resolve_device(name: str) -> torch.device:
 def build_datasets(cfg: VisionConfig) -> tuple[Any, Any, Any, int]:
     """(train, val, test, number of classes) for ``cfg.dataset``; items are (x, y, group, i)."""
     if cfg.dataset == "colored-digits":
-        parts = [colored_digits(split, seed=cfg.extra.get("data_seed", 0))
+        parts = [colored_digits(split, seed=cfg.extra.get("data_seed", 0),
+                                image_size=cfg.extra.get("image_size", 32))
                  for split in ("train", "val", "test")]
         return (*parts, 2)
     if cfg.root is None:
