@@ -22,8 +22,6 @@ Batch = Tensor | tuple | list | Mapping[str, Any]
 __all__ = [
     "Batch",
     "FunctionalModel",
-    "accumulate_grads",
-    "apply_gradients",
     "batch_size",
     "check_finite",
     "check_optimizer_holds",
@@ -119,18 +117,6 @@ def check_optimizer_holds(named_params: Sequence[tuple[str, Tensor]], optimizer:
         )
 
 
-def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-    """Add ``grads`` into ``p.grad`` the way ``backward()`` would: accumulating, not replacing."""
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        g = g.detach()
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
-
-
 class FunctionalModel:
     """Calls an ``nn.Module`` at parameters that are not its own, without replacing them.
 
@@ -184,18 +170,3 @@ class FunctionalModel:
 
 LossFn = Callable[..., Tensor]
 
-
-def apply_gradients(
-    fmodel: FunctionalModel,
-    optimizer: Any,
-    grads: Sequence[Tensor | None],
-    buffers: Mapping[str, Tensor],
-) -> None:
-    """The commit at the end of a successful meta-step.
-
-    Copies the committed forward's buffers into the module, adds ``grads`` to ``p.grad`` and
-    steps the user's optimizer. Everything before this call must leave the model untouched.
-    """
-    fmodel.commit_buffers(buffers)
-    accumulate_grads(fmodel.params, grads)
-    optimizer.step()

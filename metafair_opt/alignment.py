@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,13 +23,11 @@ from torch import Tensor, nn
 
 from metafair_opt._functional import (
     Batch,
-    FunctionalModel,
-    apply_gradients,
     check_finite,
-    check_optimizer_holds,
     check_same_batch_size,
     select_rows,
 )
+from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.splits import SplitStrategy, as_row_vector
 
 __all__ = ["AlignmentResult", "GradientAlignmentWrapper"]
@@ -57,7 +55,7 @@ class AlignmentResult:
     alignment: float | None = None
 
 
-class GradientAlignmentWrapper:
+class GradientAlignmentWrapper(MetaOptimizerBase):
     """Turns each training step into a FaAlGrad meta-step; the user's optimizer applies it.
 
     Args:
@@ -77,7 +75,8 @@ class GradientAlignmentWrapper:
             ``torchopt.adam(1e-2, eps_root=1e-8)``; ``eps_root > 0`` is required for Adam, or
             its meta-gradients turn NaN). Its state starts fresh at every step. Default
             ``torchopt.sgd(inner_lr)``.
-        track_alignment: compute ``result.alignment`` (one extra forward and backward on X_q).
+        track_alignment: compute ``result.alignment`` (one extra forward and backward on X_q;
+            two with ``inner_steps=0``, which has no support gradient to reuse).
         on_empty: what a step does when X_s or X_q is empty: ``"fallback"`` (an ordinary step on
             the rows present, one warning per wrapper), ``"skip"`` (no update) or ``"error"``.
         check_finite: raise FloatingPointError on a NaN/inf loss (costs one host sync per loss).
@@ -108,8 +107,7 @@ class GradientAlignmentWrapper:
             raise ValueError(
                 f"on_empty must be 'fallback', 'skip' or 'error'; got {on_empty!r}."
             )
-        self.model = model
-        self.optimizer = optimizer
+        self._attach(model, optimizer)
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -121,23 +119,12 @@ class GradientAlignmentWrapper:
         self.inner_optimizer = (
             inner_optimizer if inner_optimizer is not None else torchopt.sgd(lr=self.inner_lr)
         )
-        self._fmodel = FunctionalModel(model)
-        check_optimizer_holds(self._fmodel.named_params, optimizer)
         self.step_count = 0
         self.fallback_count = 0
         self.skipped_count = 0
         self._warned_empty = False
 
     # ------------------------------------------------------------------ torch.optim interface
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The wrapped optimizer's parameter groups (learning-rate schedulers work on these)."""
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of every parameter the wrapped optimizer holds."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
     def config(self) -> dict[str, Any]:
         """The wrapper's configuration, as saved in :meth:`state_dict`."""
         return {
@@ -170,17 +157,7 @@ class GradientAlignmentWrapper:
             raise KeyError(
                 f"Not a GradientAlignmentWrapper state_dict: missing {sorted(missing)}."
             )
-        differing = {
-            k: (v, self.config().get(k))
-            for k, v in state["config"].items()
-            if self.config().get(k) != v
-        }
-        if differing:
-            warnings.warn(
-                "Loading a GradientAlignmentWrapper state saved with a different configuration "
-                f"(saved, current): {differing}. The current configuration is kept.",
-                stacklevel=2,
-            )
+        self._warn_if_config_differs(state["config"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step_count"])
         self.fallback_count = int(state.get("fallback_count", 0))
@@ -307,8 +284,8 @@ class GradientAlignmentWrapper:
         grad_q0 = torch.autograd.grad(loss_q, fm.params, materialize_grads=True)
         return _cosine(grad_s0, grad_q0)
 
-    def _commit(self, grads: tuple[Tensor | None, ...], buffers: dict[str, Tensor]) -> None:
-        apply_gradients(self._fmodel, self.optimizer, grads, buffers)
+    def _commit(self, grads: Sequence[Tensor | None], buffers: Mapping[str, Tensor]) -> None:
+        super()._commit(grads, buffers)
         self.step_count += 1
 
     def _empty_step(
@@ -344,10 +321,6 @@ class GradientAlignmentWrapper:
         return AlignmentResult(
             query_loss=float(loss.detach()), n_support=n_s, n_query=n_q, fallback=True
         )
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({type(self.optimizer).__name__}, {settings})"
 
 
 def _as_pair(pair: Any, name: str) -> tuple[Batch, Any]:

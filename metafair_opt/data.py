@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from metafair_opt._random import seeded_generator
+
 __all__ = ["GroupBalancedBatchSampler", "IndexedDataset"]
 
 
@@ -118,11 +120,7 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
             )
         self.members = {g: torch.nonzero(self.groups == g).flatten() for g in self.group_ids}
         self.num_batches = num_batches if num_batches is not None else -(-n // self.batch_size)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = seeded_generator(seed)
 
     def __len__(self) -> int:
         return self.num_batches

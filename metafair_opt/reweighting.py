@@ -24,7 +24,6 @@ seen.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,13 +35,11 @@ from torch import Tensor, nn
 
 from metafair_opt._functional import (
     Batch,
-    FunctionalModel,
-    apply_gradients,
     batch_size,
     check_finite,
-    check_optimizer_holds,
     check_same_batch_size,
 )
+from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
 from metafair_opt.splits import as_row_vector
 
@@ -68,7 +65,7 @@ class ReweightResult:
     group_losses: dict[int, float] = field(default_factory=dict)
 
 
-class SampleReweighter:
+class SampleReweighter(MetaOptimizerBase):
     """Learns one weight per training example for fairness (FORML) around the user's optimizer.
 
     Args:
@@ -124,8 +121,7 @@ class SampleReweighter:
             raise ValueError(f"weight_lr must be non-negative; got {weight_lr}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}.")
-        self.model = model
-        self.optimizer = optimizer
+        self._attach(model, optimizer)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
         self._meta_loss_fn, self._needs_groups, self.meta_loss_name = resolve_meta_loss(meta_loss)
@@ -140,8 +136,6 @@ class SampleReweighter:
         if int(meta_every) != meta_every or meta_every < 1:
             raise ValueError(f"meta_every must be a positive integer; got {meta_every}.")
         self.meta_every = int(meta_every)
-        self._fmodel = FunctionalModel(model)
-        check_optimizer_holds(self._fmodel.named_params, optimizer)
         device = torch.device(weight_device) if weight_device is not None else (
             self._fmodel.params[0].device
         )
@@ -153,15 +147,6 @@ class SampleReweighter:
         self._lookahead_cache: tuple[tuple[float, bool], Any] | None = None
 
     # ------------------------------------------------------------------ torch.optim interface
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The wrapped optimizer's parameter groups (learning-rate schedulers work on these)."""
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients of every parameter the wrapped optimizer holds."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
     def config(self) -> dict[str, Any]:
         """The reweighter's configuration, as saved in :meth:`state_dict`."""
         return {
@@ -199,17 +184,7 @@ class SampleReweighter:
                 f"The saved weight table has {state['weights'].numel()} rows but this "
                 f"reweighter has num_samples={self.num_samples}."
             )
-        differing = {
-            k: (v, self.config().get(k))
-            for k, v in state.get("config", {}).items()
-            if self.config().get(k) != v
-        }
-        if differing:
-            warnings.warn(
-                "Loading a SampleReweighter state saved with a different configuration "
-                f"(saved, current): {differing}. The current configuration is kept.",
-                stacklevel=2,
-            )
+        self._warn_if_config_differs(state.get("config", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         device = self._table.device
         self._table = state["weights"].detach().clone().to(device)
@@ -310,13 +285,14 @@ class SampleReweighter:
         final_loss = (new_weights * losses).sum()
         final_grads = torch.autograd.grad(final_loss, theta, allow_unused=True)
 
-        # Everything was computed without side effects; now commit.
+        # Everything was computed without side effects; the optimizer step comes first because
+        # it is the one part that can still fail (and then puts the old gradients back).
+        self._commit(final_grads, committed)
         if meta_step:
             self._table[rows] = new_rows
         if adam_rows is not None:
             self._store_adam_rows(rows, adam_rows)
         self._update_ema(rows, inverse, (new_weights * n * losses).detach())
-        apply_gradients(fm, self.optimizer, final_grads, committed)
         self.step_count += 1
         return ReweightResult(
             loss=float(final_loss.detach()),
@@ -458,8 +434,3 @@ class SampleReweighter:
         blended = self.ema_decay * previous + (1 - self.ema_decay) * row_values
         self._ema[rows] = torch.where(first, row_values, blended).to(self._ema.dtype)
         self._seen[rows] += counts
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({type(self.optimizer).__name__}, {settings})"
-

@@ -1,10 +1,11 @@
 """How a batch is split into a support set X_s and a query set X_q (FaAlGrad, sections 4, 5.4-5.6).
 
 Each strategy is a small callable object: ``strategy(y, groups) -> (support_mask, query_mask)``,
-two boolean tensors of shape ``(batch,)`` that never overlap. ``y`` holds one label per row
-(class indices or 0/1 targets, shape ``(B,)`` or ``(B, 1)``); ``groups`` one integer group id per
-row. Strategies that carry state between calls (a random generator, a position in a rotation)
-have ``state_dict``/``load_state_dict`` so a checkpointed run resumes exactly.
+two boolean tensors of shape ``(batch,)`` that never overlap. ``y`` is the batch's targets (any
+shape with one row per example; ``ByGroupAndLabel`` needs one label per row, ``(B,)`` or
+``(B, 1)``); ``groups`` one integer group id per row. Strategies that carry state between calls
+(a random generator, a position in a rotation) have ``state_dict``/``load_state_dict`` so a
+checkpointed run resumes exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from metafair_opt._functional import batch_size, describe_shape
+from metafair_opt._random import seeded_generator
 
 __all__ = [
     "ByGroup",
@@ -48,15 +52,22 @@ def as_row_vector(values: Any, name: str, rows: int | None = None) -> Tensor:
     return t
 
 
-def _checked(y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+def _checked_groups(y: Any, groups: Tensor) -> Tensor:
+    """``groups`` as a row vector, after checking that ``y`` (any batch) has as many rows."""
     g = as_row_vector(groups, "groups")
-    labels = as_row_vector(y, "y")
-    if labels.shape[0] != g.shape[0]:
+    rows = batch_size(y, "y")
+    if rows != g.shape[0]:
         raise ValueError(
-            f"y and groups have different batch sizes: y has shape {tuple(labels.shape)} and "
+            f"y and groups have different batch sizes: y has shape {describe_shape(y)} and "
             f"groups has shape {tuple(g.shape)}."
         )
-    return labels, g
+    return g
+
+
+def _checked(y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """One label per row (on the groups' device) and the group ids."""
+    g = _checked_groups(y, groups)
+    return as_row_vector(y, "y").to(g.device), g
 
 
 @dataclass
@@ -70,7 +81,7 @@ class ByGroup:
     support_group: int = 1
 
     def __call__(self, y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-        _, g = _checked(y, groups)
+        g = _checked_groups(y, groups)
         support = g == self.support_group
         return support, ~support
 
@@ -105,13 +116,15 @@ class Proportion:
     X_q holds the remaining rows of the support group and every other row. The paper's X_q:X_s
     ratios 80:20 ... 50:50 are ``support_fraction`` 0.2 ... 0.5. The draw is random and seeded.
     A batch whose support group is too small for the fraction raises a ValueError, unless
-    ``strict=False``: then X_s takes every row of the support group that the batch has.
+    ``strict=False``: then X_s takes every row of the support group that the batch has, and
+    ``clipped`` counts those batches.
     """
 
     support_fraction: float
     support_group: int = 1
     seed: int | None = None
     strict: bool = True
+    clipped: int = field(default=0, init=False, compare=False)
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,18 +132,15 @@ class Proportion:
             raise ValueError(
                 f"support_fraction must lie strictly between 0 and 1; got {self.support_fraction}."
             )
-        self._generator = torch.Generator()
-        if self.seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(self.seed)
+        self._generator = seeded_generator(self.seed)
 
     def __call__(self, y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-        _, g = _checked(y, groups)
+        g = _checked_groups(y, groups)
         n_support = round(self.support_fraction * g.shape[0])
         candidates = torch.nonzero(g == self.support_group).flatten()
         if n_support > candidates.numel() and not self.strict:
             n_support = candidates.numel()
+            self.clipped += 1
         if n_support > candidates.numel():
             raise ValueError(
                 f"Proportion(support_fraction={self.support_fraction}) needs {n_support} of the "
@@ -147,11 +157,12 @@ class Proportion:
 
     def state_dict(self) -> dict[str, Any]:
         """The random generator's state, so a resumed run draws the same splits."""
-        return {"generator": self._generator.get_state()}
+        return {"generator": self._generator.get_state(), "clipped": self.clipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator state saved by :meth:`state_dict`."""
         self._generator.set_state(state["generator"])
+        self.clipped = int(state.get("clipped", 0))
 
 
 @dataclass
@@ -172,7 +183,7 @@ class RoundRobin:
             )
 
     def __call__(self, y: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
-        _, g = _checked(y, groups)
+        g = _checked_groups(y, groups)
         current = self.groups[self.position % len(self.groups)]
         self.position = (self.position + 1) % len(self.groups)
         support = g == current

@@ -324,3 +324,50 @@ def test_invalid_configuration_is_rejected() -> None:
         GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_steps=-1)
     with pytest.raises(ValueError, match="on_empty must be 'fallback', 'skip' or 'error'"):
         GradientAlignmentWrapper(model, opt, loss_fn=bce, on_empty="ignore")  # type: ignore[arg-type]
+
+
+class FailingStep(torch.optim.SGD):
+    """An optimizer whose step raises, as a misconfigured or closure-needing one would."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        raise RuntimeError("optimizer step failed")
+
+
+def test_failing_optimizer_step_restores_gradients_and_buffers() -> None:
+    model = bn_model(seed=12)
+    opt = FailingStep(model.parameters(), lr=0.1)
+    aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce)
+    x, y, groups = batch(seed=13)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="optimizer step failed"):
+        aligner.step_batch(x, y, groups, split=ByGroup())
+    assert_same_state(before, snapshot(model, opt))
+    assert aligner.step_count == 0
+
+
+def test_non_finite_meta_gradient_is_caught_before_the_update() -> None:
+    model, opt, aligner, (x, y, groups) = trained_setup()
+    aligner.inner_steps = 0  # with inner steps the NaN would first reach a loss
+    # finite value, NaN gradient: d sqrt(u)/du at u = 0 is inf, times 0 gives NaN
+    aligner.loss_fn = lambda o, t: bce(o, t) + 0.0 * torch.sqrt((o * 0.0).sum())
+    before = snapshot(model, opt, aligner)
+    with pytest.raises(FloatingPointError, match="The gradient to apply holds NaN or inf"):
+        aligner.step_batch(x, y, groups, split=ByGroup())
+    assert_same_state(before, snapshot(model, opt, aligner))
+
+
+def test_splits_accept_any_target_shape_when_they_ignore_labels() -> None:
+    model = bn_model()
+    aligner = GradientAlignmentWrapper(
+        model, torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=lambda o, t: F.binary_cross_entropy_with_logits(o, t),
+    )
+    x, y, groups = batch(seed=14)
+    soft_targets = torch.stack([y, 1 - y], 1)[:, :1]  # (B, 1) targets
+    result = aligner.step_batch(x, soft_targets, groups, split=ByGroup())
+    assert result.n_support == int((groups == 1).sum())
+    one_hot = torch.nn.functional.one_hot(y.long(), 2).float()
+    support, _ = ByGroup()(one_hot, groups)
+    assert torch.equal(support, groups == 1)

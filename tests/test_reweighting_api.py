@@ -6,6 +6,7 @@ import copy
 import io
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +340,43 @@ def test_learned_weights_favour_the_harder_minority_and_reduce_the_discrepancy(s
     assert uniform_minority.abs().max() == 0
     assert float(minority.mean() - majority.mean()) > 0.2
     assert learned < uniform - 0.15
+
+
+class FailingStep(torch.optim.SGD):
+    def step(self, closure=None):  # type: ignore[override]
+        raise RuntimeError("optimizer step failed")
+
+
+def test_failing_optimizer_step_leaves_weights_and_tables_unchanged() -> None:
+    model = bn_model(13)
+    rw = SampleReweighter(model, FailingStep(model.parameters(), lr=0.1), num_samples=50,
+                          loss_fn=F.cross_entropy, weight_lr=0.1)
+    x, y, xv, yv, gv = data(seed=14)
+    before = snapshot(model, rw.optimizer, rw)
+    with pytest.raises(RuntimeError, match="optimizer step failed"):
+        rw.step(x, y, torch.arange(16), val=(xv, yv, gv))
+    assert_same_state(before, snapshot(model, rw.optimizer, rw))
+
+
+def test_ema_blends_visits_and_averages_duplicates() -> None:
+    """Zero model and learning rates: the normalised weighted loss of row i is its y**2."""
+    model = nn.Linear(1, 1)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=4,
+                          loss_fn=F.mse_loss, meta_loss="cross_entropy", weight_lr=0.0,
+                          lookahead_lr=0.0, ema_decay=0.75)
+    val = (torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0, 1]))
+
+    def visit(idx: list[int], targets: list[float]) -> None:
+        rw.step(torch.zeros(len(idx), 1), torch.tensor(targets).unsqueeze(1),
+                torch.tensor(idx), val=val)
+
+    visit([0, 1, 2], [1.0, 2.0, 3.0])           # first visits: the values themselves
+    visit([0, 1, 1], [3.0, 1.0, 3.0])           # row 1 twice in one batch: mean of 1 and 9
+    frame = rw.to_frame().set_index("index")
+    assert frame.loc[0, "ema_weighted_loss"] == pytest.approx(0.75 * 1 + 0.25 * 9)
+    assert frame.loc[1, "ema_weighted_loss"] == pytest.approx(0.75 * 4 + 0.25 * 5)
+    assert frame.loc[2, "ema_weighted_loss"] == pytest.approx(9.0)
+    assert frame["times_seen"].tolist() == [2, 3, 1, 0]
+    assert np.isnan(frame.loc[3, "ema_weighted_loss"])

@@ -134,7 +134,7 @@ def test_model_update_matches_hand_computation() -> None:
     assert torch.allclose(rw.weights[rows], new_rows, atol=1e-12)
     assert torch.allclose(result.batch_weights, new_weights * 8, atol=1e-12)
     assert result.loss == pytest.approx(float(final.detach()), abs=1e-12)
-    assert result.meta_loss == pytest.approx(float(meta), abs=1e-12)
+    assert result.meta_loss == pytest.approx(float(meta.detach()), abs=1e-12)
 
 
 def test_lookahead_defaults_to_the_optimizers_current_lr_and_reverse_flips_it() -> None:

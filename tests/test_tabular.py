@@ -185,6 +185,21 @@ def test_command_bad_arguments_exit_2_with_one_line(tmp_path, capsys) -> None:
     assert "compas-recidivism.csv" in capsys.readouterr().err
 
 
+def test_multi_group_data_sets_reject_two_group_methods(tmp_path, capsys) -> None:
+    assert main(["run", "--dataset", "crime-forml", "--methods", "baseline,faalgrad",
+                 "--out", str(tmp_path)]) == 2
+    assert "crime-forml has 4 groups" in capsys.readouterr().err
+
+
+def test_split_ratio_runs_report_clipped_batches() -> None:
+    config = ComparisonConfig(dataset="german", methods=["faalgrad"], split_ratios=["70:30"],
+                              inner_steps=[1], controls=False, seeds=1, epochs=1)
+    results = run_comparison(config, quiet=True)
+    # German's protected share is 31 %: some batches of 256 hold fewer than 77 women
+    assert results.loc[0, "method"] == "faalgrad 70:30 I=1"
+    assert 0 < results.loc[0, "clipped_batches"] <= 3
+
+
 def test_command_datasets_lists_all(capsys) -> None:
     assert main(["datasets"]) == 0
     printed = capsys.readouterr().out

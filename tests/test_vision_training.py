@@ -22,7 +22,8 @@ def tiny_config(**overrides):
     from metafair_opt.integrations.vision.training import VisionConfig
 
     settings = {"dataset": "colored-digits", "epochs": 1, "batch_size": 8,
-                "max_steps_per_epoch": 2, "device": "cpu", "min_per_group": 4}
+                "max_steps_per_epoch": 2, "device": "cpu", "min_per_group": 4,
+                "extra": {"image_size": 16}}
     return VisionConfig(**{**settings, **overrides})
 
 
@@ -61,6 +62,34 @@ def test_resume_continues_exactly(tmp_path) -> None:
     saved_part = torch.load(part / "last.pt", weights_only=False)
     assert torch.equal(saved_full["wrapper"]["weights"], saved_part["wrapper"]["weights"])
     assert saved_full["wrapper"]["weights"].abs().max() > 0
+
+
+def test_interrupted_sgd_faalgrad_run_resumes_exactly(tmp_path, monkeypatch) -> None:
+    """SGD with Nesterov momentum and a step schedule (decays after epochs 1 and 2 of 3)."""
+    from metafair_opt.integrations.vision import training
+
+    config = {"method": "faalgrad", "optimizer": "sgd", "lr": 0.05, "epochs": 3}
+    _, uninterrupted = training.train_vision(tiny_config(**config), quiet=True)
+
+    saves = {"n": 0}
+    real_save = training.save_checkpoint
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        saves["n"] += 1
+        if saves["n"] == 1:
+            raise KeyboardInterrupt  # the run dies right after its first checkpoint
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_vision(tiny_config(**config, checkpoint=str(tmp_path)), quiet=True)
+    _, resumed = training.train_vision(
+        tiny_config(**config, checkpoint=str(tmp_path), resume=True), quiet=True)
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="The checkpoint was written by a run with other"):
+        training.train_vision(tiny_config(**{**config, "lr": 0.1}, checkpoint=str(tmp_path),
+                                          resume=True), quiet=True)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path) -> None:

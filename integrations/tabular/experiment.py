@@ -135,10 +135,17 @@ def run_comparison(config: ComparisonConfig, quiet: bool = False) -> pd.DataFram
     settings = config.model_settings()
     specs = config.trained_methods()
     wanted = set(config.methods)
-    protected_share = float(ds.group.mean())
+    groups = sorted(ds.group.unique().tolist())
+    if len(groups) > 2 and wanted & {"faalgrad", "threshold"}:
+        raise ValueError(
+            f"{config.dataset} has {len(groups)} groups; FaAlGrad's configs and the "
+            "protected-group threshold are defined for two. Use baseline, forml, "
+            "threshold_optimizer, exponentiated_gradient or majority here (RoundRobin in the "
+            "Python API covers several groups)."
+        )
     for ratio in config.split_ratios:
         fraction = parse_ratio(ratio)
-        share = (1 - protected_share) if config.swap else protected_share
+        share = float((ds.group == (0 if config.swap else 1)).mean())
         if fraction > share:
             raise ValueError(
                 f"Split ratio {ratio} puts {fraction:.0%} of each batch in X_s, but the support "
@@ -167,6 +174,8 @@ def run_comparison(config: ComparisonConfig, quiet: bool = False) -> pd.DataFram
             extra: dict[str, Any] = {"best_eval": scores.best_epoch}
             if scores.alignment:
                 extra["mean_alignment"] = float(np.mean(scores.alignment))
+            if spec.split_ratio is not None:
+                extra["clipped_batches"] = scores.clipped_batches
             if scores.weights is not None:
                 extra["weight_min"] = float(scores.weights.min())
                 extra["weight_max"] = float(scores.weights.max())
@@ -241,7 +250,7 @@ def run_sweep(dataset: str, ratios: Sequence[str], inner_lrs: Sequence[float | N
     """
     ds = load_tabular(dataset, data_dir=data_dir)
     settings = PAPER_SETTINGS.get(dataset, ModelSettings())
-    share = float(ds.group.mean())
+    share = float((ds.group == 1).mean())
     usable = [r for r in ratios if parse_ratio(r) <= share]
     if not usable:
         raise ValueError(f"None of the split ratios {list(ratios)} fit {dataset}: the protected "
@@ -258,6 +267,7 @@ def run_sweep(dataset: str, ratios: Sequence[str], inner_lrs: Sequence[float | N
             scores = train(spec, data, settings, seed, epochs=epochs)
             rows.append(_row(dataset, seed, spec.label, _family(spec), False, data,
                              (scores.test > 0).astype(int), split_ratio=spec.split_ratio,
+                             clipped_batches=scores.clipped_batches,
                              inner_lr=spec.inner_lr if spec.inner_lr is not None
                              else settings.inner_lr))
             if spec.kind == "baseline":

@@ -133,6 +133,8 @@ class TrainedScores:
     val_accuracy: list[float]
     alignment: list[float]
     weights: np.ndarray | None = None
+    #: Batches in which a split ratio could not be met and X_s took the whole support group.
+    clipped_batches: int = 0
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -178,7 +180,8 @@ def train(
     evals = 20 if steps is not None else (epochs or 1)
     eval_every = max(1, total_steps // evals)
 
-    step_fn, reweighter = _step_function(spec, model, optimizer, loss_fn, data, settings, seed)
+    step_fn, reweighter, split = _step_function(spec, model, optimizer, loss_fn, data, settings,
+                                                seed)
     order = torch.Generator().manual_seed(seed)
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: list[float] = []
@@ -211,6 +214,7 @@ def train(
         val_accuracy=history,
         alignment=alignment,
         weights=weights,
+        clipped_batches=int(getattr(split, "clipped", 0)),
     )
 
 
@@ -218,14 +222,14 @@ StepFn = Callable[[Tensor, Tensor, Tensor, Tensor], "float | None"]
 
 
 def _step_function(spec, model, optimizer, loss_fn, data, settings, seed):
-    """A closure doing one training step of ``spec``, and the reweighter if there is one."""
+    """A closure doing one training step of ``spec``, its reweighter and its split (or None)."""
     if spec.kind == "baseline":
         def plain(xb, yb, gb, rows):
             optimizer.zero_grad()
             loss_fn(model(xb), yb).backward()
             optimizer.step()
             return None
-        return plain, None
+        return plain, None, None
 
     if spec.kind == "faalgrad":
         aligner = GradientAlignmentWrapper(
@@ -240,7 +244,7 @@ def _step_function(spec, model, optimizer, loss_fn, data, settings, seed):
             aligner.zero_grad()
             result = aligner.step_batch(xb, yb, gb, split=split)
             return result.alignment
-        return aligned, None
+        return aligned, None, split
 
     if spec.kind == "forml":
         reweighter = SampleReweighter(
@@ -267,6 +271,6 @@ def _step_function(spec, model, optimizer, loss_fn, data, settings, seed):
             reweighter.zero_grad()
             reweighter.step(xb, yb, rows, val=(xv[vi], yv[vi], gv[vi]))
             return None
-        return reweighted, reweighter
+        return reweighted, reweighter, None
 
     raise ValueError(f"Unknown method kind {spec.kind!r}: use baseline, faalgrad or forml.")

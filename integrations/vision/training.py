@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -157,10 +158,8 @@ class _Run:
         else:
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                               weight_decay=cfg.weight_decay)
-        epochs = int(cfg.epochs or 1)
-        milestones = [round(epochs * f) for f in (0.3, 0.6, 0.8)] if cfg.optimizer == "sgd" else []
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer,
-                                                              milestones=milestones, gamma=0.1)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=self._milestones(), gamma=0.1)
         self.wrapper: Any = None
         if cfg.method == "forml":
             self.wrapper = SampleReweighter(self.model, self.optimizer,
@@ -177,6 +176,11 @@ class _Run:
             self.split: Any = (ByGroup(support_group=1) if group_ids == [0, 1]
                                else RoundRobin(groups=group_ids))
         self.epoch = 0
+
+    def _milestones(self) -> list[int]:
+        """Step decay at 30, 60 and 80 % of the epochs (60/120/160 of 200) for SGD."""
+        epochs = int(self.cfg.epochs or 1)
+        return [round(epochs * f) for f in (0.3, 0.6, 0.8)] if self.cfg.optimizer == "sgd" else []
 
     # ---------------------------------------------------------------- data for one epoch
     def _loader(self, epoch: int) -> DataLoader:
@@ -264,15 +268,30 @@ class _Run:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        current = asdict(self.cfg)
+        saved = state.get("config", {})
+        differing = {k: (saved[k], current[k]) for k in saved
+                     if k not in _RESUMABLE_CHANGES and saved[k] != current.get(k)}
+        if differing:
+            raise ValueError(
+                "The checkpoint was written by a run with other settings (saved, now): "
+                f"{differing}. Resume with the same settings, or start a new run."
+            )
         self.model.load_state_dict(state["model"])
         if self.wrapper is not None:
             self.wrapper.load_state_dict(state["wrapper"])  # holds the optimizer state too
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows the current --epochs (a run may be extended when resumed).
+        self.scheduler.milestones = Counter(self._milestones())
         if state.get("split") is not None:
             self.split.load_state_dict(state["split"])
         self.epoch = int(state["epoch"])
+
+
+#: Settings that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = {"epochs", "resume", "checkpoint", "workers", "device", "quiet"}
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
