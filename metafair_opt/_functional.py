@@ -23,7 +23,6 @@ __all__ = [
     "Batch",
     "FunctionalModel",
     "batch_size",
-    "check_finite",
     "check_optimizer_holds",
     "check_same_batch_size",
     "describe_shape",
@@ -90,17 +89,6 @@ def select_rows(batch: Batch, rows: Tensor) -> Batch:
     return type(batch)(v[rows.to(v.device)] if isinstance(v, Tensor) else v for v in batch)
 
 
-def check_finite(loss: Tensor, what: str) -> None:
-    """Raise FloatingPointError naming ``what`` if ``loss`` holds a NaN or infinity."""
-    if not bool(torch.isfinite(loss.detach()).all()):
-        value = loss.detach().float()
-        shown = f"{value.item():g}" if value.numel() == 1 else "a non-finite value"
-        raise FloatingPointError(
-            f"The {what} is {shown}. Nothing was updated. Check the inputs for NaN/inf, lower "
-            "the learning rates, or clip the model outputs before the loss."
-        )
-
-
 def check_optimizer_holds(named_params: Sequence[tuple[str, Tensor]], optimizer: Any) -> None:
     """Raise a ValueError unless every trainable parameter of the model is in ``optimizer``."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -156,6 +144,12 @@ class FunctionalModel:
 
     def __call__(self, params: Sequence[Tensor], buffers: Mapping[str, Tensor], x: Batch) -> Any:
         """``model(x)`` evaluated at ``params`` (in ``param_names`` order) and ``buffers``."""
+        if params is self.params and not buffers:
+            # The module's own parameters and no buffers to redirect: a plain call is the same
+            # computation without functional_call's swapping.
+            if isinstance(x, Tensor):
+                return self.module(x)
+            return self.module(**x) if isinstance(x, Mapping) else self.module(*x)
         tensors = dict(zip(self.param_names, params))
         if buffers:
             tensors.update(buffers)

@@ -56,22 +56,52 @@ class MetaOptimizerBase:
                 stacklevel=3,
             )
 
-    def _commit(self, grads: Sequence[Tensor | None], buffers: Mapping[str, Tensor]) -> None:
-        """Add ``grads`` to ``p.grad``, step the optimizer, then copy ``buffers`` in.
-
-        If the gradients are not finite, or ``optimizer.step()`` raises, the previous gradients
-        are put back and nothing else has been touched.
+    def _check_all_finite(
+        self,
+        watched: Sequence[tuple[str, Tensor]],
+        grads: Sequence[Tensor | None],
+        sentinel: Tensor | None,
+    ) -> None:
+        """One host sync for the step: ``sentinel`` (a loss every other loss flows into) plus
+        the norms of ``grads``. Only when that is not finite are the ``watched`` losses
+        inspected, to name the first non-finite one (in the order the step computed them).
         """
+        present = [g.detach() for g in grads if g is not None]
+        parts = [torch.stack(torch._foreach_norm(present)).sum()] if present else []
+        if sentinel is not None:
+            parts.append(sentinel.detach().sum())
+        if not parts or bool(torch.isfinite(sum(parts))):
+            return
+        for name, value in watched:
+            if not bool(torch.isfinite(value.detach()).all()):
+                shown = (f"{value.detach().float().item():g}" if value.numel() == 1
+                         else "a non-finite value")
+                raise FloatingPointError(
+                    f"The {name} is {shown}. Nothing was updated. Check the inputs for NaN/inf, "
+                    "lower the learning rates, or clip the model outputs before the loss."
+                )
+        raise FloatingPointError(
+            "The gradient to apply holds NaN or inf values although the losses are finite. "
+            "Nothing was updated. A differentiable Adam inner step needs eps_root > 0 "
+            "(e.g. torchopt.adam(lr, eps_root=1e-8)); otherwise lower the learning rates."
+        )
+
+    def _commit(
+        self,
+        grads: Sequence[Tensor | None],
+        buffers: Mapping[str, Tensor],
+        watched: Sequence[tuple[str, Tensor]] = (),
+        sentinel: Tensor | None = None,
+    ) -> None:
+        """Check the step's losses and ``grads``, add ``grads`` to ``p.grad``, step the
+        optimizer, then copy ``buffers`` in.
+
+        If anything is not finite, or ``optimizer.step()`` raises, the previous gradients are
+        put back and nothing else has been touched.
+        """
+        if self.check_finite:
+            self._check_all_finite(watched, grads, sentinel)
         params = self._fmodel.params
-        present = [g for g in grads if g is not None]
-        if self.check_finite and present and not bool(
-            torch.stack([g.isfinite().all() for g in present]).all()
-        ):
-            raise FloatingPointError(
-                "The gradient to apply holds NaN or inf values although the losses are finite. "
-                "Nothing was updated. A differentiable Adam inner step needs eps_root > 0 "
-                "(e.g. torchopt.adam(lr, eps_root=1e-8)); otherwise lower the learning rates."
-            )
         previous = [p.grad for p in params]
         try:
             for p, g in zip(params, grads):

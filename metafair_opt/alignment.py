@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from metafair_opt._functional import (
     Batch,
-    check_finite,
     check_same_batch_size,
     select_rows,
 )
@@ -79,7 +78,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             two with ``inner_steps=0``, which has no support gradient to reuse).
         on_empty: what a step does when X_s or X_q is empty: ``"fallback"`` (an ordinary step on
             the rows present, one warning per wrapper), ``"skip"`` (no update) or ``"error"``.
-        check_finite: raise FloatingPointError on a NaN/inf loss (costs one host sync per loss).
+        check_finite: raise FloatingPointError on a NaN/inf loss or gradient (one host sync per
+            step).
 
     BatchNorm and other buffers: the inner forwards (and the alignment forward) run on a
     throw-away copy of the buffers, so they never move running statistics; the query forward
@@ -181,13 +181,12 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         if empty:
             return self._empty_step(empty[0], (x_s, y_s, n_s), (x_q, y_q, n_q))
 
-        grads, buffers, query_loss, support_losses, alignment = self._meta_gradient(
-            x_s, y_s, x_q, y_q
-        )
-        self._commit(grads, buffers)
+        grads, buffers, watched, alignment = self._meta_gradient(x_s, y_s, x_q, y_q)
+        self._commit(grads, buffers, watched, sentinel=watched[-1][1])
+        losses = torch.stack([loss.detach() for _, loss in watched]).tolist()
         return AlignmentResult(
-            query_loss=query_loss,
-            support_losses=support_losses,
+            query_loss=losses[-1],
+            support_losses=losses[: self.inner_steps],
             n_support=n_s,
             n_query=n_q,
             alignment=alignment,
@@ -229,13 +228,23 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 f"{shape}. Reduce it (for example reduction='mean'); the wrapper needs one "
                 "number per set."
             )
-        if self.check_finite:
-            check_finite(loss, what)
         return loss
+
+    def _inner_update(
+        self, grads: tuple[Tensor, ...], state: Any, params: tuple[Tensor, ...]
+    ) -> tuple[tuple[Tensor, ...], Any]:
+        if not self._custom_inner:
+            # The default differentiable SGD step as one fused op: the same update as
+            # torchopt.sgd(inner_lr), about 4x cheaper per step on small models.
+            return tuple(torch._foreach_add(params, grads, alpha=-self.inner_lr)), state
+        updates, state = self.inner_optimizer.update(grads, state, params=params, inplace=False)
+        return tuple(torchopt.apply_updates(params, updates, inplace=False)), state
 
     def _meta_gradient(
         self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any
-    ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor], float, list[float], float | None]:
+    ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor], list[tuple[str, Tensor]],
+               float | None]:
+        """The meta-gradient, the buffers to commit, the named losses and the alignment."""
         fm = self._fmodel
         theta0 = fm.params
         has_buffers = bool(fm.buffer_names)
@@ -243,29 +252,28 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         committed = fm.clone_buffers() if has_buffers else {}
 
         params: tuple[Tensor, ...] = theta0
-        state = self.inner_optimizer.init(params)
-        support_losses: list[float] = []
+        state = self.inner_optimizer.init(params) if self._custom_inner else None
+        watched: list[tuple[str, Tensor]] = []
         grad_s0: tuple[Tensor, ...] | None = None
         for i in range(self.inner_steps):
             what = f"support loss at inner step {i + 1} of {self.inner_steps}"
             loss_s = self._loss(fm(params, scratch, x_s), y_s, what)
+            watched.append((what, loss_s))
             grads = torch.autograd.grad(
                 loss_s, params, create_graph=not self.first_order, materialize_grads=True
             )
             if i == 0 and self.track_alignment:
                 grad_s0 = tuple(g.detach() for g in grads)
-            updates, state = self.inner_optimizer.update(grads, state, params=params,
-                                                         inplace=False)
-            params = tuple(torchopt.apply_updates(params, updates, inplace=False))
-            support_losses.append(float(loss_s.detach()))
+            params, state = self._inner_update(grads, state, params)
 
         alignment = None
         if self.track_alignment:
             alignment = self._alignment(grad_s0, x_s, y_s, x_q, y_q, scratch)
 
         query_loss = self._loss(fm(params, committed, x_q), y_q, "query loss")
+        watched.append(("query loss", query_loss))
         meta_grads = torch.autograd.grad(query_loss, theta0, allow_unused=True)
-        return meta_grads, committed, float(query_loss.detach()), support_losses, alignment
+        return meta_grads, committed, watched, alignment
 
     def _alignment(
         self,
@@ -284,8 +292,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         grad_q0 = torch.autograd.grad(loss_q, fm.params, materialize_grads=True)
         return _cosine(grad_s0, grad_q0)
 
-    def _commit(self, grads: Sequence[Tensor | None], buffers: Mapping[str, Tensor]) -> None:
-        super()._commit(grads, buffers)
+    def _commit(
+        self,
+        grads: Sequence[Tensor | None],
+        buffers: Mapping[str, Tensor],
+        watched: Sequence[tuple[str, Tensor]] = (),
+        sentinel: Tensor | None = None,
+    ) -> None:
+        super()._commit(grads, buffers, watched, sentinel)
         self.step_count += 1
 
     def _empty_step(
@@ -313,10 +327,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         x, y, _ = query if n_q > 0 else support
         fm = self._fmodel
         committed = fm.clone_buffers() if fm.buffer_names else {}
-        loss = self._loss(fm(fm.params, committed, x), y, f"fallback loss ({which} set empty)")
+        what = f"fallback loss ({which} set empty)"
+        loss = self._loss(fm(fm.params, committed, x), y, what)
         grads = torch.autograd.grad(loss, fm.params, allow_unused=True)
         self._warned_empty = True
-        self._commit(grads, committed)
+        self._commit(grads, committed, [(what, loss)], sentinel=loss)
         self.fallback_count += 1
         return AlignmentResult(
             query_loss=float(loss.detach()), n_support=n_s, n_query=n_q, fallback=True

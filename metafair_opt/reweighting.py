@@ -5,8 +5,9 @@ group-balanced validation batch:
 
 1. per-sample losses ``l_i`` at the current parameters theta; weighted loss
    ``sum_i softmax(w[idx])_i * l_i`` (a fresh table gives the plain mean loss);
-2. a differentiable look-ahead ``theta~ = theta - lookahead_lr * grad`` (torchopt functional SGD;
-   ``reverse_lookahead=True`` flips the sign, appendix 7.1);
+2. a differentiable look-ahead ``theta~ = theta - lookahead_lr * grad`` (the update of torchopt's
+   functional SGD, computed as one fused ``torch._foreach_add``; ``reverse_lookahead=True`` flips
+   the sign, appendix 7.1);
 3. the fairness meta-loss on the validation batch at theta~, differentiated with respect to
    ``w[idx]``;
 4. the weight update on those table rows (SGD or lazily-initialised per-row Adam);
@@ -30,13 +31,11 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-import torchopt
 from torch import Tensor, nn
 
 from metafair_opt._functional import (
     Batch,
     batch_size,
-    check_finite,
     check_same_batch_size,
 )
 from metafair_opt._wrapper import MetaOptimizerBase
@@ -144,7 +143,6 @@ class SampleReweighter(MetaOptimizerBase):
         self._seen = torch.zeros(self.num_samples, dtype=torch.long, device=device)
         self._adam: dict[str, Tensor] | None = None  # created on the first Adam update
         self.step_count = 0
-        self._lookahead_cache: tuple[tuple[float, bool], Any] | None = None
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
@@ -267,18 +265,17 @@ class SampleReweighter(MetaOptimizerBase):
         committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params
         losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
+        watched: list[tuple[str, Tensor]] = [("training loss", losses)]
         rows, inverse = torch.unique(idx, return_inverse=True)
         inverse = inverse.to(losses.device)
-        meta: Tensor | None = None
         adam_rows: dict[str, Tensor] | None = None
-        group_losses: dict[int, float] = {}
         if meta_step:
             meta, row_grads, val_losses = self._meta_gradient(
                 theta, losses, rows, inverse, x_val, y_val, g_val
             )
-            new_rows, adam_rows = self._updated_rows(rows, row_grads)
-            ids, means = group_mean_losses(val_losses, g_val.to(val_losses.device))
-            group_losses = {int(g): float(m) for g, m in zip(ids.tolist(), means.tolist())}
+            watched += [("validation loss", val_losses), ("meta-loss", meta),
+                        ("meta-gradient of the batch's weights", row_grads)]
+            new_rows, adam_rows = self._updated_rows(rows, row_grads.to(self._table.device))
         else:
             new_rows = self._table[rows]
         new_weights = torch.softmax(new_rows.to(losses.device)[inverse], dim=0)
@@ -287,16 +284,23 @@ class SampleReweighter(MetaOptimizerBase):
 
         # Everything was computed without side effects; the optimizer step comes first because
         # it is the one part that can still fail (and then puts the old gradients back).
-        self._commit(final_grads, committed)
+        # final_loss is the sentinel: NaN anywhere upstream (losses, meta-loss, weights) reaches it.
+        self._commit(final_grads, committed, watched, sentinel=final_loss)
         if meta_step:
             self._table[rows] = new_rows
         if adam_rows is not None:
             self._store_adam_rows(rows, adam_rows)
         self._update_ema(rows, inverse, (new_weights * n * losses).detach())
         self.step_count += 1
+        group_losses: dict[int, float] = {}
+        meta_value = float("nan")
+        if meta_step:
+            ids, means = group_mean_losses(val_losses, g_val.to(val_losses.device))
+            group_losses = dict(zip(ids.tolist(), means.tolist()))
+            meta_value = float(meta)
         return ReweightResult(
             loss=float(final_loss.detach()),
-            meta_loss=float("nan") if meta is None else float(meta.detach()),
+            meta_loss=meta_value,
             batch_weights=(new_weights.detach() * n).cpu(),
             group_losses=group_losses,
         )
@@ -305,15 +309,17 @@ class SampleReweighter(MetaOptimizerBase):
         self, theta: tuple[Tensor, ...], losses: Tensor, rows: Tensor, inverse: Tensor,
         x_val: Batch, y_val: Any, g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The meta-loss at the look-ahead parameters and its gradient on the batch's rows."""
+        """The meta-loss at the look-ahead parameters, its gradient on the batch's rows and the
+        validation losses (all detached)."""
         fm = self._fmodel
         logits = self._table[rows].to(losses.device).requires_grad_(True)
         weighted = (torch.softmax(logits[inverse], dim=0) * losses).sum()
-        lookahead = self._lookahead_transform()
         # retain_graph (implied by create_graph) keeps the training forward for the final update.
         grads = torch.autograd.grad(weighted, theta, create_graph=True, materialize_grads=True)
-        updates, _ = lookahead.update(grads, lookahead.init(theta), params=theta, inplace=False)
-        theta_tilde = tuple(torchopt.apply_updates(theta, updates, inplace=False))
+        # Differentiable SGD look-ahead (torchopt.sgd's update) as one fused op; reverse_lookahead
+        # climbs instead (appendix 7.1).
+        step = self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0)
+        theta_tilde = tuple(torch._foreach_add(theta, grads, alpha=step))
 
         scratch = fm.clone_buffers() if fm.buffer_names else {}
         val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
@@ -321,14 +327,10 @@ class SampleReweighter(MetaOptimizerBase):
         meta = self._meta_loss_fn(val_losses, g_val.to(val_losses.device))
         if not isinstance(meta, Tensor) or meta.dim() != 0:
             raise ValueError("meta_loss must return a scalar (0-dim) tensor.")
-        if self.check_finite:
-            check_finite(meta, "meta-loss")
         (row_grads,) = torch.autograd.grad(meta, logits, retain_graph=True, allow_unused=True)
         if row_grads is None:
             row_grads = torch.zeros_like(logits)
-        if self.check_finite:
-            check_finite(row_grads, "meta-gradient of the batch's weights")
-        return meta, row_grads.detach().to(self._table.device), val_losses.detach()
+        return meta.detach(), row_grads.detach(), val_losses.detach()
 
     # ------------------------------------------------------------------------- internals
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:
@@ -338,10 +340,10 @@ class SampleReweighter(MetaOptimizerBase):
         idx = as_row_vector(idx, "idx").long()
         if idx.numel() != rows:
             raise ValueError(f"idx has {idx.numel()} entries but the batch has {rows} rows.")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
-            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
+        outside = (idx < 0) | (idx >= self.num_samples)
+        if bool(outside.any()):
             raise IndexError(
-                f"Sample index {int(bad)} is outside the weight table's range "
+                f"Sample index {int(idx[outside][0])} is outside the weight table's range "
                 f"[0, {self.num_samples}). idx must hold dataset indices (IndexedDataset gives "
                 "them) and num_samples must equal len(train_dataset)."
             )
@@ -378,18 +380,12 @@ class SampleReweighter(MetaOptimizerBase):
                 f"shape ({rows},); for the {what} it returned {shape}. A loss that reduces "
                 "over the batch cannot be reweighted."
             )
-        losses = losses.reshape(rows)
-        if self.check_finite:
-            check_finite(losses, what)
-        return losses
+        return losses.reshape(rows)
 
-    def _lookahead_transform(self) -> Any:
-        lr = self.lookahead_lr if self.lookahead_lr is not None else self.param_groups[0]["lr"]
-        key = (float(lr), self.reverse_lookahead)
-        if self._lookahead_cache is None or self._lookahead_cache[0] != key:
-            transform = torchopt.sgd(lr=key[0], maximize=self.reverse_lookahead)
-            self._lookahead_cache = (key, transform)
-        return self._lookahead_cache[1]
+    def _lookahead_lr(self) -> float:
+        """``lookahead_lr``, or the optimizer's current learning rate when it is None."""
+        return float(self.lookahead_lr if self.lookahead_lr is not None
+                     else self.param_groups[0]["lr"])
 
     def _updated_rows(
         self, rows: Tensor, grads: Tensor
