@@ -8,12 +8,6 @@ figure in the message.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -22,6 +16,7 @@ from metafair_opt.benchmark import (
     WORKLOADS,
     make_step,
     make_workload,
+    step_peak_rss_mb,
     time_interleaved,
 )
 from metafair_opt.reweighting import SampleReweighter
@@ -98,31 +93,6 @@ def test_reweighter_step_time_is_flat_in_table_size(benchmark) -> None:
     benchmark.extra_info.update(medians)
     benchmark.pedantic(steps["10000000"], rounds=10, warmup_rounds=2)
     assert medians["10000000"] <= 1.10 * medians["1000"], medians
-
-
-_RSS_CHILD = textwrap.dedent("""
-    import json, sys, torch
-    from metafair_opt.benchmark import make_step, make_workload
-    def rss_kb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    w = make_workload(sys.argv[1])
-    step, _ = make_step(sys.argv[2], w)
-    step()  # lazily created state (optimizer moments, weight tables) is not the step's peak
-    before = rss_kb("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    step()
-    print(json.dumps({"peak_mb": (rss_kb("VmHWM") - before) / 1024}))
-""")
-
-
-def step_peak_rss_mb(workload: str, variant: str) -> float:
-    """Peak RSS of one step above the RSS before it, in a fresh process."""
-    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, workload, variant],
-                            capture_output=True, text=True, check=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
 @pytest.mark.parametrize("variant", ["alignment", "reweighter"])

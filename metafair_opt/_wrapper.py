@@ -66,7 +66,7 @@ class MetaOptimizerBase:
         the norms of ``grads``. Only when that is not finite are the ``watched`` losses
         inspected, to name the first non-finite one (in the order the step computed them).
         """
-        present = [g.detach() for g in grads if g is not None]
+        present = [g for g in grads if g is not None]
         parts = [torch.stack(torch._foreach_norm(present)).sum()] if present else []
         if sentinel is not None:
             parts.append(sentinel.detach().sum())
@@ -106,7 +106,6 @@ class MetaOptimizerBase:
         try:
             for p, g in zip(params, grads):
                 if g is not None:
-                    g = g.detach()
                     p.grad = g if p.grad is None else p.grad + g  # out of place: undoable
             self.optimizer.step()
         except BaseException:

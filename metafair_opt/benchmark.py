@@ -10,6 +10,9 @@ Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
 ``reweighter`` and ``reweighter_every_5`` (``meta_every=5``, amortised), and the same steps written
 with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``.
 Every implementation of a variant is checked to give the same gradients before anything is timed.
+Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
+CPU, where torch keeps no allocator statistics, the step's peak resident memory above the RSS
+before it, measured in a fresh process per variant.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "make_step",
     "make_workload",
     "peak_live_mb",
+    "step_peak_rss_mb",
     "time_interleaved",
 ]
 
@@ -171,6 +175,7 @@ def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor) -> Calla
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
+        optimizer.zero_grad()
         logits = table.clone().requires_grad_(True)
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         losses = w.loss(model(w.x), w.y, reduction="none")
@@ -288,32 +293,51 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cpu") -> float:
-    """Peak bytes of tensors allocated during one ``step`` above what was live before, in MB.
+_RSS_CHILD = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+from metafair_opt.benchmark import make_step, make_workload
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+step, _ = make_step(sys.argv[2], make_workload(sys.argv[1]))
+# No warm-up step: its freed memory would stay resident and hide the measured step's peak. The
+# variants use plain SGD and build their tables up front, so the first step creates no state.
+before = kb("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+step()
+print(json.dumps({"peak_mb": (kb("VmHWM") - before) / 1024}))
+"""
 
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the allocations and
-    frees that ``torch.profiler`` records during the step.
+
+def step_peak_rss_mb(workload: str, variant: str, threads: int = 1) -> float:
+    """Peak resident memory of one CPU step above the RSS before it, in a fresh process (MB).
+
+    Linux only (reads /proc); the process is new so nothing measured before leaks into it.
     """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, workload, variant, str(threads)],
+                            capture_output=True, text=True, check=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cuda") -> float:
+    """Peak bytes allocated on the GPU during one ``step`` above what was live before (MB)."""
     device = torch.device(device)
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"),
-                    key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quick: bool = False,
@@ -336,14 +360,18 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
         medians = time_interleaved(steps, repeats, device=device,
                                    per_call={"reweighter_every_5": 5})
         for variant in VARIANTS:
-            step, _ = make_step(variant, w, device)
-            step()  # warm: lazily created state is not part of the step's peak
+            if device.type == "cuda":
+                step, _ = make_step(variant, w, device)
+                step()  # warm: lazily created state is not part of the step's peak
+                peak = peak_live_mb(step, device)
+            else:
+                peak = step_peak_rss_mb(name, variant, torch.get_num_threads())
             records.append({
                 "workload": name,
                 "variant": variant,
                 "median_ms": round(medians[variant], 4),
                 "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
-                "peak_live_mb": round(peak_live_mb(step, device), 2),
+                "peak_live_mb": round(peak, 1),
             })
         for key, diff in agreement.items():
             records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})

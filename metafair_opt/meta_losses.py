@@ -34,16 +34,22 @@ def group_mean_losses(losses: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
     return ids, sums / counts
 
 
+def _max_from_means(means: Tensor, losses: Tensor) -> Tensor:
+    return means.max() - means.min()
+
+
+def _mean_from_means(means: Tensor, losses: Tensor) -> Tensor:
+    return (means - losses.mean()).abs().mean()
+
+
 def max_loss_discrepancy(losses: Tensor, groups: Tensor) -> Tensor:
     """Max over groups of the group mean loss minus the min over groups (FORML's MaxLossD)."""
-    _, means = group_mean_losses(losses, groups)
-    return means.max() - means.min()
+    return _max_from_means(group_mean_losses(losses, groups)[1], losses)
 
 
 def mean_loss_discrepancy(losses: Tensor, groups: Tensor) -> Tensor:
     """Mean over groups of |group mean loss - overall mean loss| (FORML's MeanLossD)."""
-    _, means = group_mean_losses(losses, groups)
-    return (means - losses.mean()).abs().mean()
+    return _mean_from_means(group_mean_losses(losses, groups)[1], losses)
 
 
 def cross_entropy(losses: Tensor, groups: Tensor) -> Tensor:
@@ -56,22 +62,28 @@ def cross_entropy(losses: Tensor, groups: Tensor) -> Tensor:
     return losses.mean()
 
 
-#: Named meta-losses, and whether each needs at least two groups in the validation batch.
-META_LOSSES: dict[str, tuple[MetaLoss, bool]] = {
-    "max_loss_discrepancy": (max_loss_discrepancy, True),
-    "mean_loss_discrepancy": (mean_loss_discrepancy, True),
-    "cross_entropy": (cross_entropy, False),
+#: Named meta-losses: the function, whether it needs at least two groups in the validation
+#: batch, and the same function on precomputed group means (losses, groups -> means are shared
+#: with the step's report, so the reweighter computes them once).
+META_LOSSES: dict[str, tuple[MetaLoss, bool, Callable[[Tensor, Tensor], Tensor] | None]] = {
+    "max_loss_discrepancy": (max_loss_discrepancy, True, _max_from_means),
+    "mean_loss_discrepancy": (mean_loss_discrepancy, True, _mean_from_means),
+    "cross_entropy": (cross_entropy, False, lambda means, losses: losses.mean()),
 }
 
 
-def resolve_meta_loss(meta_loss: str | MetaLoss) -> tuple[MetaLoss, bool, str]:
-    """The callable for ``meta_loss``, whether it needs two groups, and a display name."""
+def resolve_meta_loss(
+    meta_loss: str | MetaLoss,
+) -> tuple[MetaLoss, bool, str, Callable[[Tensor, Tensor], Tensor] | None]:
+    """The callable for ``meta_loss``, whether it needs two groups, a display name, and its
+    form on group means (None for a user's callable)."""
     if callable(meta_loss):
-        return meta_loss, False, getattr(meta_loss, "__name__", type(meta_loss).__name__)
+        name = getattr(meta_loss, "__name__", type(meta_loss).__name__)
+        return meta_loss, False, name, None
     if meta_loss not in META_LOSSES:
         raise ValueError(
             f"Unknown meta_loss {meta_loss!r}; use one of {sorted(META_LOSSES)} or a "
             "callable(losses, groups) -> scalar tensor."
         )
-    fn, needs_groups = META_LOSSES[meta_loss]
-    return fn, needs_groups, meta_loss
+    fn, needs_groups, from_means = META_LOSSES[meta_loss]
+    return fn, needs_groups, meta_loss, from_means

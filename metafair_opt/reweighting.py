@@ -123,7 +123,8 @@ class SampleReweighter(MetaOptimizerBase):
         self._attach(model, optimizer)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
-        self._meta_loss_fn, self._needs_groups, self.meta_loss_name = resolve_meta_loss(meta_loss)
+        (self._meta_loss_fn, self._needs_groups, self.meta_loss_name,
+         self._meta_from_means) = resolve_meta_loss(meta_loss)
         self.weight_lr = float(weight_lr)
         self.weight_optimizer: WeightOptimizer = weight_optimizer
         self.lookahead_lr = lookahead_lr
@@ -270,7 +271,7 @@ class SampleReweighter(MetaOptimizerBase):
         inverse = inverse.to(losses.device)
         adam_rows: dict[str, Tensor] | None = None
         if meta_step:
-            meta, row_grads, val_losses = self._meta_gradient(
+            meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
                 theta, losses, rows, inverse, x_val, y_val, g_val
             )
             watched += [("validation loss", val_losses), ("meta-loss", meta),
@@ -295,8 +296,7 @@ class SampleReweighter(MetaOptimizerBase):
         group_losses: dict[int, float] = {}
         meta_value = float("nan")
         if meta_step:
-            ids, means = group_mean_losses(val_losses, g_val.to(val_losses.device))
-            group_losses = dict(zip(ids.tolist(), means.tolist()))
+            group_losses = dict(zip(group_ids.tolist(), group_means.tolist()))
             meta_value = float(meta)
         return ReweightResult(
             loss=float(final_loss.detach()),
@@ -308,9 +308,9 @@ class SampleReweighter(MetaOptimizerBase):
     def _meta_gradient(
         self, theta: tuple[Tensor, ...], losses: Tensor, rows: Tensor, inverse: Tensor,
         x_val: Batch, y_val: Any, g_val: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The meta-loss at the look-ahead parameters, its gradient on the batch's rows and the
-        validation losses (all detached)."""
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
+        validation losses and the (group ids, group mean losses), all detached."""
         fm = self._fmodel
         logits = self._table[rows].to(losses.device).requires_grad_(True)
         weighted = (torch.softmax(logits[inverse], dim=0) * losses).sum()
@@ -324,13 +324,25 @@ class SampleReweighter(MetaOptimizerBase):
         scratch = fm.clone_buffers() if fm.buffer_names else {}
         val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
                                              "validation loss")
-        meta = self._meta_loss_fn(val_losses, g_val.to(val_losses.device))
+        g_val = g_val.to(val_losses.device)
+        ids, means = group_mean_losses(val_losses, g_val)
+        if self._needs_groups and ids.numel() < 2:
+            raise ValueError(
+                f"The validation batch holds {ids.numel()} group(s), but the "
+                f"{self.meta_loss_name} meta-loss compares groups and needs at least two. "
+                "Draw validation batches with metafair_opt.GroupBalancedBatchSampler."
+            )
+        if self._meta_from_means is not None:
+            meta = self._meta_from_means(means, val_losses)
+        else:
+            meta = self._meta_loss_fn(val_losses, g_val)
         if not isinstance(meta, Tensor) or meta.dim() != 0:
             raise ValueError("meta_loss must return a scalar (0-dim) tensor.")
         (row_grads,) = torch.autograd.grad(meta, logits, retain_graph=True, allow_unused=True)
         if row_grads is None:
             row_grads = torch.zeros_like(logits)
-        return meta.detach(), row_grads.detach(), val_losses.detach()
+        return (meta.detach(), row_grads.detach(), val_losses.detach(),
+                (ids, means.detach()))
 
     # ------------------------------------------------------------------------- internals
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:
@@ -354,14 +366,7 @@ class SampleReweighter(MetaOptimizerBase):
             raise TypeError("val must be a validation batch (x_val, y_val, groups_val).")
         x_val, y_val, g_val = val
         n_val = check_same_batch_size(x_val, y_val, "x_val", "y_val")
-        g_val = as_row_vector(g_val, "groups_val", rows=n_val)
-        if self._needs_groups and torch.unique(g_val).numel() < 2:
-            raise ValueError(
-                f"The validation batch holds {torch.unique(g_val).numel()} group(s), but the "
-                f"{self.meta_loss_name} meta-loss compares groups and needs at least two. "
-                "Draw validation batches with metafair_opt.GroupBalancedBatchSampler."
-            )
-        return x_val, y_val, g_val
+        return x_val, y_val, as_row_vector(g_val, "groups_val", rows=n_val)
 
     def _per_sample_losses(self, output: Any, target: Any, what: str) -> Tensor:
         rows = batch_size(target, "target") if not isinstance(output, Tensor) else output.shape[0]
@@ -420,13 +425,15 @@ class SampleReweighter(MetaOptimizerBase):
             self._adam[key][rows] = row_values.to(self._adam[key].dtype)
 
     def _update_ema(self, rows: Tensor, inverse: Tensor, values: Tensor) -> None:
-        values = values.to(self._table.device)
+        values = values.to(self._table.device, self._ema.dtype)
         inverse = inverse.to(self._table.device)
-        counts = torch.bincount(inverse, minlength=rows.numel())
-        sums = torch.zeros(rows.numel(), dtype=values.dtype, device=values.device)
-        row_values = sums.index_add(0, inverse, values) / counts.to(values.dtype)
+        if rows.numel() == inverse.numel():  # no duplicates: one value per row
+            row_values = values.new_empty(rows.numel()).scatter_(0, inverse, values)
+            counts: Tensor | int = 1
+        else:  # duplicates in the batch: the mean of each row's values
+            counts = torch.bincount(inverse, minlength=rows.numel())
+            row_values = values.new_zeros(rows.numel()).index_add_(0, inverse, values) / counts
         previous = self._ema[rows]
-        first = torch.isnan(previous)
-        blended = self.ema_decay * previous + (1 - self.ema_decay) * row_values
-        self._ema[rows] = torch.where(first, row_values, blended).to(self._ema.dtype)
+        blended = torch.lerp(row_values, previous, self.ema_decay)  # NaN where never seen
+        self._ema[rows] = torch.where(torch.isnan(previous), row_values, blended)
         self._seen[rows] += counts
