@@ -19,17 +19,52 @@ class MetaOptimizerBase:
 
     Subclasses set ``self.model``, ``self.optimizer``, ``self.check_finite`` and implement
     :meth:`config`.
+
+    Loss scaling (float16 autocast): with a ``grad_scaler`` every loss that is differentiated
+    is multiplied by the scaler's current scale; gradients used inside the step (inner steps,
+    look-ahead, weight gradients) are divided by it again, differentiably, and the final
+    gradients go to ``grad_scaler.step(optimizer)`` still scaled, followed by
+    ``grad_scaler.update()``. A step whose scaled gradients overflow while the loss at the
+    current parameters is finite changes nothing but the scale, which backs off.
     """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     check_finite: bool
     step_count: int
+    grad_scaler: torch.amp.GradScaler | None
 
-    def _attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _attach(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.model, self.optimizer = model, optimizer
         self._fmodel = FunctionalModel(model)
         check_optimizer_holds(self._fmodel.named_params, optimizer)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler; got {type(grad_scaler).__name__}."
+            )
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() \
+            else None
+        self._scale: float | None = None
+
+    # ------------------------------------------------------------------- loss scaling
+    def _begin_step(self) -> None:
+        """Read the loss scale once per step (None without a scaler)."""
+        self._scale = None if self.grad_scaler is None else float(self.grad_scaler.get_scale())
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        # Through the scaler, which creates its scale tensor on first use.
+        return loss if self.grad_scaler is None else self.grad_scaler.scale(loss)
+
+    def _unscaled(self, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+        if self._scale is None:
+            return tuple(grads)
+        inverse = 1.0 / self._scale
+        return tuple(None if g is None else g * inverse for g in grads)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -61,17 +96,25 @@ class MetaOptimizerBase:
         watched: Sequence[tuple[str, Tensor]],
         grads: Sequence[Tensor | None],
         sentinel: Tensor | None,
-    ) -> None:
+    ) -> bool:
         """One host sync for the step: ``sentinel`` (a loss every other loss flows into) plus
         the norms of ``grads``. Only when that is not finite are the ``watched`` losses
         inspected, to name the first non-finite one (in the order the step computed them).
+
+        Returns True when everything is finite. Under loss scaling it returns False for an
+        overflow: the first watched loss (computed at the current parameters, before any
+        scaled gradient) is finite and the scale is above 1, so a smaller scale may succeed.
+        Otherwise a non-finite value raises FloatingPointError.
         """
         present = [g for g in grads if g is not None]
         parts = [torch.stack(torch._foreach_norm(present)).sum()] if present else []
         if sentinel is not None:
             parts.append(sentinel.detach().sum())
         if not parts or bool(torch.isfinite(sum(parts))):
-            return
+            return True
+        if (self._scale is not None and self._scale > 1.0 and watched
+                and bool(torch.isfinite(watched[0][1].detach()).all())):
+            return False
         for name, value in watched:
             if not bool(torch.isfinite(value.detach()).all()):
                 shown = (f"{value.detach().float().item():g}" if value.numel() == 1
@@ -92,27 +135,41 @@ class MetaOptimizerBase:
         buffers: Mapping[str, Tensor],
         watched: Sequence[tuple[str, Tensor]] = (),
         sentinel: Tensor | None = None,
-    ) -> None:
+    ) -> bool:
         """Check the step's losses and ``grads``, add ``grads`` to ``p.grad``, step the
-        optimizer, then copy ``buffers`` in.
+        optimizer (through the scaler, if any), then copy ``buffers`` in. Returns whether the
+        step was applied: False only for a loss-scaling overflow, after backing off the scale.
 
         If anything is not finite, or ``optimizer.step()`` raises, the previous gradients are
         put back and nothing else has been touched.
         """
-        if self.check_finite:
-            self._check_all_finite(watched, grads, sentinel)
+        scaler = self.grad_scaler
+        if (self.check_finite or scaler is not None) and not self._check_all_finite(
+            watched, grads, sentinel
+        ):
+            assert scaler is not None and self._scale is not None
+            scaler.update(new_scale=self._scale * scaler.get_backoff_factor())
+            return False
         params = self._fmodel.params
         previous = [p.grad for p in params]
         try:
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g  # out of place: undoable
-            self.optimizer.step()
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)  # unscales p.grad (our new tensors) in place
+                scaler.update()
         except BaseException:
             for p, old in zip(params, previous):
                 p.grad = old
+            if scaler is not None:
+                # Same scale, and forget this step's unscale records so the next step can run.
+                scaler.update(new_scale=self._scale)
             raise
         self._fmodel.commit_buffers(buffers)
+        return True
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

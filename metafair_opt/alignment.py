@@ -42,7 +42,8 @@ class AlignmentResult:
     holds L(theta_{i-1}, X_s) for each inner step; ``alignment`` is the cosine between
     grad L(theta_0, X_s) and grad L(theta_0, X_q) when the wrapper tracks it. ``fallback`` is
     True when an empty set turned the step into an ordinary one on the rows present, and
-    ``skipped`` when it led to no update at all.
+    ``skipped`` when it led to no update at all (an empty set with ``on_empty="skip"``, or a
+    float16 overflow under a ``GradScaler``).
     """
 
     query_loss: float | None
@@ -80,6 +81,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             the rows present, one warning per wrapper), ``"skip"`` (no update) or ``"error"``.
         check_finite: raise FloatingPointError on a NaN/inf loss or gradient (one host sync per
             step).
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast. The wrapper scales the
+            losses it differentiates, unscales the inner gradients, and calls
+            ``grad_scaler.step(optimizer)`` and ``grad_scaler.update()`` itself; do not call
+            them in the loop. A step that overflows is skipped (``result.skipped``, the
+            parameters unchanged) and the scale backs off. bfloat16 needs no scaler.
 
     BatchNorm and other buffers: the inner forwards (and the alignment forward) run on a
     throw-away copy of the buffers, so they never move running statistics; the query forward
@@ -98,6 +104,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         track_alignment: bool = False,
         on_empty: OnEmpty = "fallback",
         check_finite: bool = True,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if inner_steps < 0 or int(inner_steps) != inner_steps:
             raise ValueError(f"inner_steps must be a non-negative integer; got {inner_steps}.")
@@ -107,7 +114,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             raise ValueError(
                 f"on_empty must be 'fallback', 'skip' or 'error'; got {on_empty!r}."
             )
-        self._attach(model, optimizer)
+        self._attach(model, optimizer, grad_scaler)
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -178,17 +185,19 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         needs_support = self.inner_steps > 0 or self.track_alignment
         empty = [name for name, n, needed in (("support", n_s, needs_support),
                                               ("query", n_q, True)) if needed and n == 0]
+        self._begin_step()
         if empty:
             return self._empty_step(empty[0], (x_s, y_s, n_s), (x_q, y_q, n_q))
 
         grads, buffers, watched, alignment = self._meta_gradient(x_s, y_s, x_q, y_q)
-        self._commit(grads, buffers, watched, sentinel=watched[-1][1])
+        applied = self._commit(grads, buffers, watched, sentinel=watched[-1][1])
         losses = torch.stack([loss.detach() for _, loss in watched]).tolist()
         return AlignmentResult(
             query_loss=losses[-1],
             support_losses=losses[: self.inner_steps],
             n_support=n_s,
             n_query=n_q,
+            skipped=not applied,
             alignment=alignment,
         )
 
@@ -259,9 +268,10 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             what = f"support loss at inner step {i + 1} of {self.inner_steps}"
             loss_s = self._loss(fm(params, scratch, x_s), y_s, what)
             watched.append((what, loss_s))
-            grads = torch.autograd.grad(
-                loss_s, params, create_graph=not self.first_order, materialize_grads=True
-            )
+            grads = self._unscaled(torch.autograd.grad(
+                self._scaled(loss_s), params, create_graph=not self.first_order,
+                materialize_grads=True,
+            ))
             if i == 0 and self.track_alignment:
                 grad_s0 = tuple(g.detach() for g in grads)
             params, state = self._inner_update(grads, state, params)
@@ -272,7 +282,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
 
         query_loss = self._loss(fm(params, committed, x_q), y_q, "query loss")
         watched.append(("query loss", query_loss))
-        meta_grads = torch.autograd.grad(query_loss, theta0, allow_unused=True)
+        meta_grads = torch.autograd.grad(self._scaled(query_loss), theta0, allow_unused=True)
         return meta_grads, committed, watched, alignment
 
     def _alignment(
@@ -287,9 +297,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         fm = self._fmodel
         if grad_s0 is None:
             loss_s = self._loss(fm(fm.params, scratch, x_s), y_s, "support loss (alignment)")
-            grad_s0 = torch.autograd.grad(loss_s, fm.params, materialize_grads=True)
+            grad_s0 = torch.autograd.grad(self._scaled(loss_s), fm.params,
+                                          materialize_grads=True)
         loss_q = self._loss(fm(fm.params, scratch, x_q), y_q, "query loss (alignment)")
-        grad_q0 = torch.autograd.grad(loss_q, fm.params, materialize_grads=True)
+        # Scaled against float16 underflow; the cosine does not depend on either scale.
+        grad_q0 = torch.autograd.grad(self._scaled(loss_q), fm.params, materialize_grads=True)
         return _cosine(grad_s0, grad_q0)
 
     def _commit(
@@ -298,9 +310,13 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         buffers: Mapping[str, Tensor],
         watched: Sequence[tuple[str, Tensor]] = (),
         sentinel: Tensor | None = None,
-    ) -> None:
-        super()._commit(grads, buffers, watched, sentinel)
-        self.step_count += 1
+    ) -> bool:
+        applied = super()._commit(grads, buffers, watched, sentinel)
+        if applied:
+            self.step_count += 1
+        else:
+            self.skipped_count += 1
+        return applied
 
     def _empty_step(
         self, which: str, support: tuple[Batch, Any, int], query: tuple[Batch, Any, int]
@@ -329,12 +345,13 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         committed = fm.clone_buffers() if fm.buffer_names else {}
         what = f"fallback loss ({which} set empty)"
         loss = self._loss(fm(fm.params, committed, x), y, what)
-        grads = torch.autograd.grad(loss, fm.params, allow_unused=True)
+        grads = torch.autograd.grad(self._scaled(loss), fm.params, allow_unused=True)
         self._warned_empty = True
-        self._commit(grads, committed, [(what, loss)], sentinel=loss)
-        self.fallback_count += 1
+        applied = self._commit(grads, committed, [(what, loss)], sentinel=loss)
+        self.fallback_count += int(applied)
         return AlignmentResult(
-            query_loss=float(loss.detach()), n_support=n_s, n_query=n_q, fallback=True
+            query_loss=float(loss.detach()), n_support=n_s, n_query=n_q, fallback=applied,
+            skipped=not applied,
         )
 
 

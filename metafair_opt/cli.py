@@ -122,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--inner-steps", type=int, default=1)
     vision.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
     vision.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    vision.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    vision.add_argument("--amp", action="store_true",
+                        help="mixed precision: float16 with loss scaling on CUDA, bfloat16 on "
+                             "the CPU (see --amp-dtype)")
+    vision.add_argument("--amp-dtype", choices=["auto", "bfloat16", "float16"], default="auto",
+                        help="autocast dtype with --amp (float16 always uses a GradScaler)")
     vision.add_argument("--channels-last", action="store_true")
     vision.add_argument("--workers", type=int, default=0)
     vision.add_argument("--max-steps-per-epoch", type=int, default=None)
@@ -230,7 +234,8 @@ def _vision(args: argparse.Namespace, command: str) -> None:
             dataset=args.dataset, method=args.method, root=args.root, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, weight_lr=args.weight_lr,
             inner_lr=args.inner_lr, inner_steps=args.inner_steps, device=args.device,
-            amp=args.amp, channels_last=args.channels_last, workers=args.workers, seed=seed,
+            amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
+            workers=args.workers, seed=seed,
             max_steps_per_epoch=args.max_steps_per_epoch, checkpoint=checkpoint,
             resume=args.resume,
             extra={} if args.image_size is None else {"image_size": args.image_size},

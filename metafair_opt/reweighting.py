@@ -55,13 +55,15 @@ class ReweightResult:
     with); ``meta_loss`` the fairness meta-loss on the validation batch at the look-ahead
     parameters; ``batch_weights`` the normalised weights used, scaled so that uniform weighting
     is 1 for every row (``loss = mean(batch_weights * per-sample losses)``); ``group_losses``
-    the mean validation loss of each group at the look-ahead parameters.
+    the mean validation loss of each group at the look-ahead parameters. ``skipped`` is True
+    when a float16 overflow under a ``GradScaler`` left everything unchanged but the scale.
     """
 
     loss: float
     meta_loss: float
     batch_weights: Tensor
     group_losses: dict[int, float] = field(default_factory=dict)
+    skipped: bool = False
 
 
 class SampleReweighter(MetaOptimizerBase):
@@ -92,6 +94,12 @@ class SampleReweighter(MetaOptimizerBase):
         meta_every: update the weights on every ``meta_every``-th step only (counting from the
             first); the steps in between are plain weighted steps with the current weights and
             do not need a validation batch (``val=None`` is accepted there).
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast. The reweighter scales the
+            losses it differentiates (look-ahead, meta-loss, final loss), unscales the
+            gradients it uses itself, and calls ``grad_scaler.step(optimizer)`` and
+            ``grad_scaler.update()``; do not call them in the loop. A step that overflows
+            changes nothing but the scale (``result.skipped``; the same step, with its
+            weight update, is retried on the next batch). bfloat16 needs no scaler.
     """
 
     def __init__(
@@ -111,6 +119,7 @@ class SampleReweighter(MetaOptimizerBase):
         adam_eps: float = 1e-8,
         check_finite: bool = True,
         meta_every: int = 1,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples}.")
@@ -120,7 +129,7 @@ class SampleReweighter(MetaOptimizerBase):
             raise ValueError(f"weight_lr must be non-negative; got {weight_lr}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}.")
-        self._attach(model, optimizer)
+        self._attach(model, optimizer, grad_scaler)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
         (self._meta_loss_fn, self._needs_groups, self.meta_loss_name,
@@ -144,6 +153,7 @@ class SampleReweighter(MetaOptimizerBase):
         self._seen = torch.zeros(self.num_samples, dtype=torch.long, device=device)
         self._adam: dict[str, Tensor] | None = None  # created on the first Adam update
         self.step_count = 0
+        self.skipped_count = 0
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
@@ -171,6 +181,7 @@ class SampleReweighter(MetaOptimizerBase):
             "seen": self._seen.clone(),
             "adam": None if self._adam is None else {k: v.clone() for k, v in self._adam.items()},
             "step_count": self.step_count,
+            "skipped_count": self.skipped_count,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -192,6 +203,7 @@ class SampleReweighter(MetaOptimizerBase):
         adam = state.get("adam")
         self._adam = None if adam is None else {k: v.clone().to(device) for k, v in adam.items()}
         self.step_count = int(state["step_count"])
+        self.skipped_count = int(state.get("skipped_count", 0))
 
     # -------------------------------------------------------------------------- inspection
     @property
@@ -257,6 +269,7 @@ class SampleReweighter(MetaOptimizerBase):
         fm = self._fmodel
         n = check_same_batch_size(x, y)
         idx = self._checked_indices(idx, n)
+        self._begin_step()
         meta_step = self.step_count % self.meta_every == 0
         if meta_step:
             if val is None:
@@ -281,12 +294,15 @@ class SampleReweighter(MetaOptimizerBase):
             new_rows = self._table[rows]
         new_weights = torch.softmax(new_rows.to(losses.device)[inverse], dim=0)
         final_loss = (new_weights * losses).sum()
-        final_grads = torch.autograd.grad(final_loss, theta, allow_unused=True)
+        final_grads = torch.autograd.grad(self._scaled(final_loss), theta, allow_unused=True)
 
         # Everything was computed without side effects; the optimizer step comes first because
         # it is the one part that can still fail (and then puts the old gradients back).
         # final_loss is the sentinel: NaN anywhere upstream (losses, meta-loss, weights) reaches it.
-        self._commit(final_grads, committed, watched, sentinel=final_loss)
+        if not self._commit(final_grads, committed, watched, sentinel=final_loss):
+            self.skipped_count += 1
+            return ReweightResult(loss=float(final_loss.detach()), meta_loss=float("nan"),
+                                  batch_weights=(new_weights.detach() * n).cpu(), skipped=True)
         if meta_step:
             self._table[rows] = new_rows
         if adam_rows is not None:
@@ -315,7 +331,8 @@ class SampleReweighter(MetaOptimizerBase):
         logits = self._table[rows].to(losses.device).requires_grad_(True)
         weighted = (torch.softmax(logits[inverse], dim=0) * losses).sum()
         # retain_graph (implied by create_graph) keeps the training forward for the final update.
-        grads = torch.autograd.grad(weighted, theta, create_graph=True, materialize_grads=True)
+        grads = self._unscaled(torch.autograd.grad(self._scaled(weighted), theta,
+                                                   create_graph=True, materialize_grads=True))
         # Differentiable SGD look-ahead (torchopt.sgd's update) as one fused op; reverse_lookahead
         # climbs instead (appendix 7.1).
         step = self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0)
@@ -338,7 +355,8 @@ class SampleReweighter(MetaOptimizerBase):
             meta = self._meta_loss_fn(val_losses, g_val)
         if not isinstance(meta, Tensor) or meta.dim() != 0:
             raise ValueError("meta_loss must return a scalar (0-dim) tensor.")
-        (row_grads,) = torch.autograd.grad(meta, logits, retain_graph=True, allow_unused=True)
+        (row_grads,) = self._unscaled(torch.autograd.grad(
+            self._scaled(meta), logits, retain_graph=True, allow_unused=True))
         if row_grads is None:
             row_grads = torch.zeros_like(logits)
         return (meta.detach(), row_grads.detach(), val_losses.detach(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
@@ -179,3 +180,29 @@ def test_vision_command_writes_results(tmp_path, capsys) -> None:
     assert main(["vision", "--dataset", "cifar10", "--root", str(tmp_path / "none"),
                  "--out", str(tmp_path)]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+def test_amp_dtype_is_float16_on_cuda_and_bfloat16_on_cpu_by_default() -> None:
+    from metafair_opt.integrations.vision.training import amp_dtype
+
+    assert amp_dtype(tiny_config(), torch.device("cpu")) is None
+    assert amp_dtype(tiny_config(amp=True), torch.device("cpu")) == torch.bfloat16
+    assert amp_dtype(tiny_config(amp=True), torch.device("cuda")) == torch.float16
+    assert amp_dtype(tiny_config(amp=True, amp_dtype="float16"),
+                     torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="amp_dtype must be auto, bfloat16 or float16; got 'fp8'"):
+        amp_dtype(tiny_config(amp=True, amp_dtype="fp8"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["baseline", "forml", "faalgrad"])
+def test_vision_run_with_float16_and_a_grad_scaler(method: str, tmp_path) -> None:
+    """The CUDA recipe (float16 autocast, GradScaler) run on the CPU, checkpoint included."""
+    from metafair_opt.integrations.vision.training import train_vision
+
+    cfg = tiny_config(method=method, amp=True, amp_dtype="float16", checkpoint=str(tmp_path))
+    _, model = train_vision(cfg, quiet=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert 0 < state["scaler"]["scale"] <= 2.0**16  # GradScaler's initial scale, or backed off
+    _, model2 = train_vision(replace(cfg, epochs=2, resume=True), quiet=True)
+    assert all(torch.isfinite(p).all() for p in model2.parameters())

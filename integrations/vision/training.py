@@ -78,6 +78,7 @@ class VisionConfig:
     inner_steps: int = 1
     device: str = "auto"
     amp: bool = False
+    amp_dtype: str = "auto"
     channels_last: bool = False
     workers: int = 0
     seed: int = 0
@@ -128,12 +129,25 @@ def build_datasets(cfg: VisionConfig) -> tuple[Any, Any, Any, int]:
     return (*parts, 2)
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    # bfloat16 on both CPU and CUDA: it needs no gradient scaler, so the meta-gradients (which
-    # differentiate through gradients) stay unscaled.
-    if not enabled:
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_dtype(cfg: VisionConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run: None without ``amp``; ``auto`` is float16 (with a gradient
+    scaler) on CUDA and bfloat16 (no scaler needed) on the CPU."""
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if cfg.amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be auto, bfloat16 or float16; got {cfg.amp_dtype!r}.")
+    return AMP_DTYPES[cfg.amp_dtype]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -145,6 +159,10 @@ class _Run:
 
     def __init__(self, cfg: VisionConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        self.amp_dtype = amp_dtype(cfg, device)
+        # float16 needs loss scaling; the wrappers take the scaler and step through it.
+        self.scaler = (torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16
+                       else None)
         self.train_set, self.val_set, self.test_set, self.num_classes = build_datasets(cfg)
         torch.manual_seed(cfg.seed)
         model = build_resnet18(self.num_classes, small_input=DATASET_DEFAULTS[cfg.dataset][
@@ -165,13 +183,15 @@ class _Run:
             self.wrapper = SampleReweighter(self.model, self.optimizer,
                                             num_samples=len(self.train_set),
                                             loss_fn=F.cross_entropy, meta_loss=cfg.meta_loss,
-                                            weight_lr=cfg.weight_lr)
+                                            weight_lr=cfg.weight_lr,
+                                            grad_scaler=self.scaler)
         elif cfg.method == "faalgrad":
             self.wrapper = GradientAlignmentWrapper(self.model, self.optimizer,
                                                     loss_fn=F.cross_entropy,
                                                     inner_lr=cfg.inner_lr,
                                                     inner_steps=cfg.inner_steps,
-                                                    on_empty="fallback")
+                                                    on_empty="fallback",
+                                                    grad_scaler=self.scaler)
             group_ids = sorted(torch.unique(self.train_set.groups).tolist())
             self.split: Any = (ByGroup(support_group=1) if group_ids == [0, 1]
                                else RoundRobin(groups=group_ids))
@@ -218,7 +238,7 @@ class _Run:
             if self.cfg.max_steps_per_epoch is not None and step >= self.cfg.max_steps_per_epoch:
                 break
             x, y, g = self._to(x), y.to(self.device), g.to(self.device)
-            with _autocast(self.device, self.cfg.amp):
+            with _autocast(self.device, self.amp_dtype):
                 losses.append(self._step(x, y, g, idx, val_batches))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         self.scheduler.step()
@@ -229,8 +249,13 @@ class _Run:
         if self.cfg.method == "baseline":
             self.optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(x).float(), y)
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             return float(loss.detach())
         self.wrapper.zero_grad()
         if self.cfg.method == "forml":
@@ -247,7 +272,7 @@ class _Run:
         labels, predictions, groups = [], [], []
         loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=self.cfg.workers)
         for x, y, g, _ in loader:
-            with _autocast(self.device, self.cfg.amp):
+            with _autocast(self.device, self.amp_dtype):
                 logits = self.model(self._to(x))
             predictions.append(logits.float().argmax(1).cpu().numpy())
             labels.append(y.numpy())
@@ -264,6 +289,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "wrapper": None if self.wrapper is None else self.wrapper.state_dict(),
             "split": getattr(getattr(self, "split", None), "state_dict", lambda: None)(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "config": asdict(self.cfg),
         }
 
@@ -287,6 +313,8 @@ class _Run:
         self.scheduler.milestones = Counter(self._milestones())
         if state.get("split") is not None:
             self.split.load_state_dict(state["split"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
 
 
