@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from metafair_opt._functional import FunctionalModel, check_optimizer_holds
+from metafair_opt.distributed import SyncMode, resolve_model
 
 __all__ = ["MetaOptimizerBase"]
 
@@ -39,9 +40,12 @@ class MetaOptimizerBase:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         grad_scaler: torch.amp.GradScaler | None = None,
+        sync: SyncMode = "outer",
     ) -> None:
         self.model, self.optimizer = model, optimizer
-        self._fmodel = FunctionalModel(model)
+        module, self._coll = resolve_model(model, sync)
+        self.sync: SyncMode = sync
+        self._fmodel = FunctionalModel(module)
         check_optimizer_holds(self._fmodel.named_params, optimizer)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(
@@ -96,6 +100,7 @@ class MetaOptimizerBase:
         watched: Sequence[tuple[str, Tensor]],
         grads: Sequence[Tensor | None],
         sentinel: Tensor | None,
+        first_finite: Tensor | None = None,
     ) -> bool:
         """One host sync for the step: ``sentinel`` (a loss every other loss flows into) plus
         the norms of ``grads``. Only when that is not finite are the ``watched`` losses
@@ -104,7 +109,9 @@ class MetaOptimizerBase:
         Returns True when everything is finite. Under loss scaling it returns False for an
         overflow: the first watched loss (computed at the current parameters, before any
         scaled gradient) is finite and the scale is above 1, so a smaller scale may succeed.
-        Otherwise a non-finite value raises FloatingPointError.
+        Otherwise a non-finite value raises FloatingPointError. Under DDP ``sentinel`` and
+        ``first_finite`` (1 where the first watched loss is finite) come summed over the ranks,
+        so every rank takes the same decision.
         """
         present = [g for g in grads if g is not None]
         parts = [torch.stack(torch._foreach_norm(present)).sum()] if present else []
@@ -112,22 +119,40 @@ class MetaOptimizerBase:
             parts.append(sentinel.detach().sum())
         if not parts or bool(torch.isfinite(sum(parts))):
             return True
-        if (self._scale is not None and self._scale > 1.0 and watched
-                and bool(torch.isfinite(watched[0][1].detach()).all())):
+        if first_finite is None and watched:
+            first_finite = torch.isfinite(watched[0][1].detach()).all().float()
+        if (self._scale is not None and self._scale > 1.0 and first_finite is not None
+                and int(first_finite) == self._coll.world_size):
             return False
+        local_first_finite = not watched or bool(torch.isfinite(watched[0][1].detach()).all())
+        if (self._coll.distributed and first_finite is not None and local_first_finite
+                and int(first_finite) < self._coll.world_size):
+            raise FloatingPointError(
+                "A loss on another rank is NaN or inf (this rank's are finite). Nothing was "
+                "updated on any rank; that rank's error names the loss."
+            )
         for name, value in watched:
             if not bool(torch.isfinite(value.detach()).all()):
                 shown = (f"{value.detach().float().item():g}" if value.numel() == 1
                          else "a non-finite value")
                 raise FloatingPointError(
-                    f"The {name} is {shown}. Nothing was updated. Check the inputs for NaN/inf, "
-                    "lower the learning rates, or clip the model outputs before the loss."
+                    f"The {name} is {shown}{self._on_rank()}. Nothing was updated. Check the "
+                    "inputs for NaN/inf, lower the learning rates, or clip the model outputs "
+                    "before the loss."
                 )
+        if self._coll.distributed and sentinel is not None and not bool(torch.isfinite(sentinel)):
+            raise FloatingPointError(
+                "A loss on another rank is NaN or inf (this rank's are finite). Nothing was "
+                "updated on any rank; that rank's error names the loss."
+            )
         raise FloatingPointError(
             "The gradient to apply holds NaN or inf values although the losses are finite. "
             "Nothing was updated. A differentiable Adam inner step needs eps_root > 0 "
             "(e.g. torchopt.adam(lr, eps_root=1e-8)); otherwise lower the learning rates."
         )
+
+    def _on_rank(self) -> str:
+        return f" on rank {self._coll.rank}" if self._coll.distributed else ""
 
     def _commit(
         self,
@@ -136,17 +161,30 @@ class MetaOptimizerBase:
         watched: Sequence[tuple[str, Tensor]] = (),
         sentinel: Tensor | None = None,
     ) -> bool:
-        """Check the step's losses and ``grads``, add ``grads`` to ``p.grad``, step the
-        optimizer (through the scaler, if any), then copy ``buffers`` in. Returns whether the
-        step was applied: False only for a loss-scaling overflow, after backing off the scale.
+        """Synchronise ``grads`` across ranks (under DDP), check the step's losses and
+        ``grads``, add ``grads`` to ``p.grad``, step the optimizer (through the scaler, if any),
+        then copy ``buffers`` in. Returns whether the step was applied: False only for a
+        loss-scaling overflow, after backing off the scale.
 
         If anything is not finite, or ``optimizer.step()`` raises, the previous gradients are
         put back and nothing else has been touched.
         """
         scaler = self.grad_scaler
-        if (self.check_finite or scaler is not None) and not self._check_all_finite(
-            watched, grads, sentinel
-        ):
+        check = self.check_finite or scaler is not None
+        first_finite = None
+        if self._coll.distributed:
+            extra = None
+            if check:
+                zero = torch.zeros((), device=self._fmodel.params[0].device)
+                first = watched[0][1].detach() if watched else None
+                extra = torch.stack([
+                    sentinel.detach().sum().float() if sentinel is not None else zero,
+                    torch.isfinite(first).all().float() if first is not None else zero + 1,
+                ])
+            grads, extra = self._coll.reduce_gradients(grads, extra)
+            if extra is not None:
+                sentinel, first_finite = extra[0], extra[1]
+        if check and not self._check_all_finite(watched, grads, sentinel, first_finite):
             assert scaler is not None and self._scale is not None
             scaler.update(new_scale=self._scale * scaler.get_backoff_factor())
             return False

@@ -27,6 +27,7 @@ from metafair_opt._functional import (
     select_rows,
 )
 from metafair_opt._wrapper import MetaOptimizerBase
+from metafair_opt.distributed import SyncMode
 from metafair_opt.splits import SplitStrategy, as_row_vector
 
 __all__ = ["AlignmentResult", "GradientAlignmentWrapper"]
@@ -86,6 +87,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             ``grad_scaler.step(optimizer)`` and ``grad_scaler.update()`` itself; do not call
             them in the loop. A step that overflows is skipped (``result.skipped``, the
             parameters unchanged) and the scale backs off. bfloat16 needs no scaler.
+        sync: with a ``DistributedDataParallel`` model, ``"outer"`` (each rank's meta-gradient
+            on its own shard, then averaged) or ``"exact"`` (the inner gradients are summed
+            across ranks too, so N ranks equal one process on the concatenated batches). See
+            :mod:`metafair_opt.distributed`. Under DDP a set that is empty on any rank counts
+            as empty on all (``on_empty`` applies everywhere); ``alignment`` is per rank.
 
     BatchNorm and other buffers: the inner forwards (and the alignment forward) run on a
     throw-away copy of the buffers, so they never move running statistics; the query forward
@@ -105,6 +111,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         on_empty: OnEmpty = "fallback",
         check_finite: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
+        sync: SyncMode = "outer",
     ) -> None:
         if inner_steps < 0 or int(inner_steps) != inner_steps:
             raise ValueError(f"inner_steps must be a non-negative integer; got {inner_steps}.")
@@ -114,7 +121,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             raise ValueError(
                 f"on_empty must be 'fallback', 'skip' or 'error'; got {on_empty!r}."
             )
-        self._attach(model, optimizer, grad_scaler)
+        self._attach(model, optimizer, grad_scaler, sync)
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -183,13 +190,21 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         n_s = check_same_batch_size(x_s, y_s, "support x", "support y")
         n_q = check_same_batch_size(x_q, y_q, "query x", "query y")
         needs_support = self.inner_steps > 0 or self.track_alignment
-        empty = [name for name, n, needed in (("support", n_s, needs_support),
-                                              ("query", n_q, True)) if needed and n == 0]
+        if self._coll.distributed:  # every rank must take the same branch
+            counts = self._coll.gather_counts([n_s, n_q], self._fmodel.params[0].device)
+            totals, smallest = counts.sum(0).tolist(), counts.min(0).values.tolist()
+        else:
+            totals = smallest = [n_s, n_q]
+        empty = [name for name, n, needed in (("support", smallest[0], needs_support),
+                                              ("query", smallest[1], True)) if needed and n == 0]
         self._begin_step()
         if empty:
-            return self._empty_step(empty[0], (x_s, y_s, n_s), (x_q, y_q, n_q))
+            return self._empty_step(empty[0], (x_s, y_s, n_s), (x_q, y_q, n_q), totals)
 
-        grads, buffers, watched, alignment = self._meta_gradient(x_s, y_s, x_q, y_q)
+        # sync="exact": each rank's mean loss weighted by its share of the global set, so the
+        # gradients summed over ranks are those of the global mean.
+        shares = (n_s / totals[0], n_q / totals[1]) if self._coll.exact else (1.0, 1.0)
+        grads, buffers, watched, alignment = self._meta_gradient(x_s, y_s, x_q, y_q, shares)
         applied = self._commit(grads, buffers, watched, sentinel=watched[-1][1])
         losses = torch.stack([loss.detach() for _, loss in watched]).tolist()
         return AlignmentResult(
@@ -250,7 +265,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         return tuple(torchopt.apply_updates(params, updates, inplace=False)), state
 
     def _meta_gradient(
-        self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any
+        self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any, shares: tuple[float, float]
     ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor], list[tuple[str, Tensor]],
                float | None]:
         """The meta-gradient, the buffers to commit, the named losses and the alignment."""
@@ -269,11 +284,12 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             loss_s = self._loss(fm(params, scratch, x_s), y_s, what)
             watched.append((what, loss_s))
             grads = self._unscaled(torch.autograd.grad(
-                self._scaled(loss_s), params, create_graph=not self.first_order,
+                self._scaled(loss_s * shares[0]), params, create_graph=not self.first_order,
                 materialize_grads=True,
             ))
             if i == 0 and self.track_alignment:
                 grad_s0 = tuple(g.detach() for g in grads)
+            grads = self._coll.sum_differentiable(grads)
             params, state = self._inner_update(grads, state, params)
 
         alignment = None
@@ -282,7 +298,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
 
         query_loss = self._loss(fm(params, committed, x_q), y_q, "query loss")
         watched.append(("query loss", query_loss))
-        meta_grads = torch.autograd.grad(self._scaled(query_loss), theta0, allow_unused=True)
+        meta_grads = torch.autograd.grad(self._scaled(query_loss * shares[1]), theta0,
+                                         allow_unused=True)
         return meta_grads, committed, watched, alignment
 
     def _alignment(
@@ -319,13 +336,16 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         return applied
 
     def _empty_step(
-        self, which: str, support: tuple[Batch, Any, int], query: tuple[Batch, Any, int]
+        self, which: str, support: tuple[Batch, Any, int], query: tuple[Batch, Any, int],
+        totals: list[int],
     ) -> AlignmentResult:
         n_s, n_q = support[2], query[2]
-        if self.on_empty == "error" or (n_s == 0 and n_q == 0):
+        if self.on_empty == "error" or (totals[0] == 0 and totals[1] == 0):
+            where = (" on at least one rank" if self._coll.distributed else "")
             raise ValueError(
-                f"The {which} set is empty in this batch ({n_s} support rows, {n_q} query "
-                "rows). Sample batches that hold every group, for example with "
+                f"The {which} set is empty in this batch{where} ({n_s} support rows, {n_q} "
+                f"query rows{self._on_rank()}). Sample batches that hold every group, for "
+                "example with "
                 "metafair_opt.GroupBalancedBatchSampler, or build the wrapper with "
                 "on_empty='fallback' or 'skip'."
             )
@@ -340,18 +360,29 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        x, y, _ = query if n_q > 0 else support
+        # The rows present: the query set where any rank has one, else the support set.
+        use_query = totals[1] > 0
+        x, y, n = query if use_query else support
+        total = totals[1] if use_query else totals[0]
         fm = self._fmodel
         committed = fm.clone_buffers() if fm.buffer_names else {}
         what = f"fallback loss ({which} set empty)"
-        loss = self._loss(fm(fm.params, committed, x), y, what)
-        grads = torch.autograd.grad(self._scaled(loss), fm.params, allow_unused=True)
         self._warned_empty = True
-        applied = self._commit(grads, committed, [(what, loss)], sentinel=loss)
+        loss: Tensor | None = None
+        watched: list[tuple[str, Tensor]] = []
+        if n == 0:  # only under DDP: this rank has no rows to contribute
+            grads: tuple[Tensor | None, ...] = tuple(torch.zeros_like(p) for p in fm.params)
+        else:
+            loss = self._loss(fm(fm.params, committed, x), y, what)
+            share = n / total if self._coll.exact else 1.0
+            grads = torch.autograd.grad(self._scaled(loss * share), fm.params,
+                                        allow_unused=True)
+            watched = [(what, loss)]
+        applied = self._commit(grads, committed, watched, sentinel=loss)
         self.fallback_count += int(applied)
         return AlignmentResult(
-            query_loss=float(loss.detach()), n_support=n_s, n_query=n_q, fallback=applied,
-            skipped=not applied,
+            query_loss=None if loss is None else float(loss.detach()), n_support=n_s,
+            n_query=n_q, fallback=applied, skipped=not applied,
         )
 
 

@@ -39,6 +39,7 @@ from metafair_opt._functional import (
     check_same_batch_size,
 )
 from metafair_opt._wrapper import MetaOptimizerBase
+from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
 from metafair_opt.splits import as_row_vector
 
@@ -100,6 +101,12 @@ class SampleReweighter(MetaOptimizerBase):
             ``grad_scaler.update()``; do not call them in the loop. A step that overflows
             changes nothing but the scale (``result.skipped``; the same step, with its
             weight update, is retried on the next batch). bfloat16 needs no scaler.
+        sync: with a ``DistributedDataParallel`` model, ``"outer"`` (each rank's look-ahead,
+            meta-loss and softmax on its own shard; weight gradients exchanged, final gradients
+            averaged) or ``"exact"`` (the look-ahead gradient, softmax and meta-loss taken over
+            every rank's batch, so N ranks equal one process on the concatenated batches).
+            Either way the weight table is the same on every rank after every step. See
+            :mod:`metafair_opt.distributed`.
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class SampleReweighter(MetaOptimizerBase):
         check_finite: bool = True,
         meta_every: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
+        sync: SyncMode = "outer",
     ) -> None:
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples}.")
@@ -129,7 +137,7 @@ class SampleReweighter(MetaOptimizerBase):
             raise ValueError(f"weight_lr must be non-negative; got {weight_lr}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}.")
-        self._attach(model, optimizer, grad_scaler)
+        self._attach(model, optimizer, grad_scaler, sync)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
         (self._meta_loss_fn, self._needs_groups, self.meta_loss_name,
@@ -148,8 +156,9 @@ class SampleReweighter(MetaOptimizerBase):
         device = torch.device(weight_device) if weight_device is not None else (
             self._fmodel.params[0].device
         )
-        self._table = torch.zeros(self.num_samples, device=device)
-        self._ema = torch.full((self.num_samples,), float("nan"), device=device)
+        dtype = self._fmodel.params[0].dtype  # float64 models get a float64 table
+        self._table = torch.zeros(self.num_samples, device=device, dtype=dtype)
+        self._ema = torch.full((self.num_samples,), float("nan"), device=device, dtype=dtype)
         self._seen = torch.zeros(self.num_samples, dtype=torch.long, device=device)
         self._adam: dict[str, Tensor] | None = None  # created on the first Adam update
         self.step_count = 0
@@ -276,23 +285,34 @@ class SampleReweighter(MetaOptimizerBase):
                 raise TypeError("val must be a validation batch (x_val, y_val, groups_val).")
             x_val, y_val, g_val = self._checked_validation(val)
 
+        coll = self._coll
+        n_global = n
+        if coll.distributed:  # checked on every rank alike, before any other collective
+            n_global = self._check_shards(n, (x_val, y_val, g_val) if meta_step else None)
+            idx_all = coll.gather(idx.to(fm.params[0].device)).to(idx.device)
+        else:
+            idx_all = idx
         committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params
         losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
-        rows, inverse = torch.unique(idx, return_inverse=True)
-        inverse = inverse.to(losses.device)
+        # rows: the table rows of the whole batch (every rank's under DDP); inverse: this
+        # rank's samples' positions among them.
+        rows, all_inverse = torch.unique(idx_all, return_inverse=True)
+        inverse = all_inverse[coll.rank * n:(coll.rank + 1) * n].to(losses.device)
         adam_rows: dict[str, Tensor] | None = None
         if meta_step:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
                 theta, losses, rows, inverse, x_val, y_val, g_val
             )
+            # Each rank's gradient on the rows of its own samples, summed over ranks.
+            row_grads = coll.sum(row_grads)
             watched += [("validation loss", val_losses), ("meta-loss", meta),
                         ("meta-gradient of the batch's weights", row_grads)]
             new_rows, adam_rows = self._updated_rows(rows, row_grads.to(self._table.device))
         else:
             new_rows = self._table[rows]
-        new_weights = torch.softmax(new_rows.to(losses.device)[inverse], dim=0)
+        new_weights = coll.softmax(new_rows.to(losses.device)[inverse])
         final_loss = (new_weights * losses).sum()
         final_grads = torch.autograd.grad(self._scaled(final_loss), theta, allow_unused=True)
 
@@ -302,12 +322,17 @@ class SampleReweighter(MetaOptimizerBase):
         if not self._commit(final_grads, committed, watched, sentinel=final_loss):
             self.skipped_count += 1
             return ReweightResult(loss=float(final_loss.detach()), meta_loss=float("nan"),
-                                  batch_weights=(new_weights.detach() * n).cpu(), skipped=True)
+                                  batch_weights=(new_weights.detach() * n_global).cpu(),
+                                  skipped=True)
         if meta_step:
             self._table[rows] = new_rows
         if adam_rows is not None:
             self._store_adam_rows(rows, adam_rows)
-        self._update_ema(rows, inverse, (new_weights * n * losses).detach())
+        ema_values = (new_weights * n_global * losses).detach()
+        if coll.distributed:  # every rank keeps the whole batch's moving averages
+            self._update_ema(rows, all_inverse, coll.gather(ema_values))
+        else:
+            self._update_ema(rows, inverse, ema_values)
         self.step_count += 1
         group_losses: dict[int, float] = {}
         meta_value = float("nan")
@@ -317,7 +342,7 @@ class SampleReweighter(MetaOptimizerBase):
         return ReweightResult(
             loss=float(final_loss.detach()),
             meta_loss=meta_value,
-            batch_weights=(new_weights.detach() * n).cpu(),
+            batch_weights=(new_weights.detach() * n_global).cpu(),
             group_losses=group_losses,
         )
 
@@ -327,12 +352,13 @@ class SampleReweighter(MetaOptimizerBase):
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
         validation losses and the (group ids, group mean losses), all detached."""
-        fm = self._fmodel
+        fm, coll = self._fmodel, self._coll
         logits = self._table[rows].to(losses.device).requires_grad_(True)
-        weighted = (torch.softmax(logits[inverse], dim=0) * losses).sum()
+        weighted = (coll.softmax(logits[inverse]) * losses).sum()
         # retain_graph (implied by create_graph) keeps the training forward for the final update.
         grads = self._unscaled(torch.autograd.grad(self._scaled(weighted), theta,
                                                    create_graph=True, materialize_grads=True))
+        grads = coll.sum_differentiable(grads)  # sync="exact": the global batch's gradient
         # Differentiable SGD look-ahead (torchopt.sgd's update) as one fused op; reverse_lookahead
         # climbs instead (appendix 7.1).
         step = self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0)
@@ -342,6 +368,8 @@ class SampleReweighter(MetaOptimizerBase):
         val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
                                              "validation loss")
         g_val = g_val.to(val_losses.device)
+        if coll.exact:  # the meta-loss of the concatenated validation batches, on every rank
+            val_losses, g_val = coll.gather_differentiable(val_losses), coll.gather(g_val)
         ids, means = group_mean_losses(val_losses, g_val)
         if self._needs_groups and ids.numel() < 2:
             raise ValueError(
@@ -355,14 +383,51 @@ class SampleReweighter(MetaOptimizerBase):
             meta = self._meta_loss_fn(val_losses, g_val)
         if not isinstance(meta, Tensor) or meta.dim() != 0:
             raise ValueError("meta_loss must return a scalar (0-dim) tensor.")
+        # Under sync="exact" every rank holds the same meta-loss and the gather's backward sums
+        # the ranks' gradients: divide by the world size.
         (row_grads,) = self._unscaled(torch.autograd.grad(
-            self._scaled(meta), logits, retain_graph=True, allow_unused=True))
+            self._scaled(meta / coll.world_size if coll.exact else meta), logits,
+            retain_graph=True, allow_unused=True))
         if row_grads is None:
             row_grads = torch.zeros_like(logits)
         return (meta.detach(), row_grads.detach(), val_losses.detach(),
                 (ids, means.detach()))
 
     # ------------------------------------------------------------------------- internals
+    def _check_shards(self, n: int, val: tuple[Batch, Any, Tensor] | None) -> int:
+        """Under DDP: the same batch size on every rank (and validation batch size under
+        ``sync="exact"``), and two groups in every rank's validation batch where the meta-loss
+        compares groups (``sync="outer"``). Returns the global batch size."""
+        coll = self._coll
+        n_val = groups = 0
+        if val is not None:
+            n_val = int(val[2].numel())
+            groups = int(torch.unique(val[2]).numel())
+        counts = coll.gather_counts([n, n_val, groups], self._fmodel.params[0].device).tolist()
+        sizes = [c[0] for c in counts]
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"SampleReweighter under DDP needs the same batch size on every rank; got "
+                f"{sizes}. Shard with torch.utils.data.DistributedSampler(drop_last=True) and "
+                "a DataLoader with drop_last=True."
+            )
+        if val is not None and coll.exact and len({c[1] for c in counts}) > 1:
+            raise ValueError(
+                "sync='exact' needs validation batches of the same size on every rank; got "
+                f"{[c[1] for c in counts]}. Give every rank's GroupBalancedBatchSampler the "
+                "same batch_size."
+            )
+        if val is not None and self._needs_groups and not coll.exact:
+            short = [rank for rank, c in enumerate(counts) if c[2] < 2]
+            if short:
+                raise ValueError(
+                    f"The validation batch of rank(s) {short} holds fewer than two groups, but "
+                    f"the {self.meta_loss_name} meta-loss compares groups on every rank under "
+                    "sync='outer'. Draw each rank's validation batches with "
+                    "metafair_opt.GroupBalancedBatchSampler(rank=..., world_size=...)."
+                )
+        return sum(sizes)
+
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:
         idx = torch.as_tensor(idx)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:

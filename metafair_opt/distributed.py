@@ -1,0 +1,175 @@
+"""Data-parallel meta-steps: the collectives both wrappers use under DistributedDataParallel.
+
+A wrapper given a ``DistributedDataParallel`` model runs its meta-step functionally on the
+underlying module (DDP's own gradient hooks never fire) and synchronises through a
+:class:`Collectives` object. Outside DDP it uses :data:`LOCAL`, whose operations are identities,
+so the single-process code path is the same code.
+
+``sync="outer"``: each rank computes its meta-step on its own shard; only the final gradients
+are averaged (one all-reduce per bucket of about 25 MB), and the reweighter's weight gradients
+are exchanged so the weight table stays identical everywhere.
+
+``sync="exact"``: the inner-step and look-ahead gradients, the reweighter's softmax normaliser
+and the validation losses are also combined across ranks through differentiable collectives
+(``torch.distributed.nn``), so a step on N ranks equals one step on the concatenated batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["LOCAL", "Collectives", "SyncMode", "resolve_model"]
+
+SyncMode = Literal["outer", "exact"]
+
+#: Bucket size for the final gradient all-reduce (DistributedDataParallel's default).
+BUCKET_BYTES = 25 * 2**20
+
+
+class Collectives:
+    """Cross-rank operations for one process group; identities for a single process."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, sync: SyncMode = "outer") -> None:
+        self.group = group
+        self.sync: SyncMode = sync
+        self.distributed = group is not None
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    @property
+    def exact(self) -> bool:
+        return self.distributed and self.sync == "exact"
+
+    # ------------------------------------------------------------ non-differentiable
+    def gather_counts(self, counts: Sequence[int], device: torch.device) -> Tensor:
+        """(world_size, len(counts)) table of every rank's ``counts``; one small collective."""
+        local = torch.tensor([list(counts)], dtype=torch.long, device=device)
+        if not self.distributed:
+            return local
+        out = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(out, local, group=self.group)
+        return torch.cat(out)
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (same shape on every rank), concatenated in rank order."""
+        if not self.distributed:
+            return tensor
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous(), group=self.group)
+        return torch.cat(out)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over ranks (not differentiable)."""
+        if not self.distributed:
+            return tensor
+        tensor = tensor.detach().clone()
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def max(self, value: Tensor) -> Tensor:
+        if not self.distributed:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return value
+
+    def reduce_gradients(
+        self, grads: Sequence[Tensor | None], extra: Tensor | None = None
+    ) -> tuple[list[Tensor | None], Tensor | None]:
+        """Sum (``exact``: each rank's loss was already normalised over the global batch) or
+        average (``outer``) ``grads`` across ranks, bucketed; ``extra`` (a small vector, e.g.
+        finiteness sentinels) is summed in the last bucket."""
+        grads = list(grads)
+        if not self.distributed:
+            return grads, extra
+        present = [i for i, g in enumerate(grads) if g is not None]
+        scale = 1.0 if self.exact else 1.0 / self.world_size
+        buckets: list[list[int]] = [[]]
+        size = 0
+        for i in present:
+            nbytes = grads[i].numel() * grads[i].element_size()  # type: ignore[union-attr]
+            if buckets[-1] and size + nbytes > BUCKET_BYTES:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(i)
+            size += nbytes
+        out: list[Tensor | None] = list(grads)
+        reduced_extra = extra
+        for b, bucket in enumerate(buckets):
+            parts = [grads[i].detach().reshape(-1) for i in bucket]  # type: ignore[union-attr]
+            last = b == len(buckets) - 1
+            if last and extra is not None:
+                dtype = parts[0].dtype if parts else extra.dtype
+                parts.append(extra.detach().reshape(-1).to(dtype))
+            if not parts:
+                continue
+            flat = torch.cat(parts)
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for i in bucket:
+                g = grads[i]
+                assert g is not None
+                out[i] = flat[offset:offset + g.numel()].view_as(g) * scale
+                offset += g.numel()
+            if last and extra is not None:
+                reduced_extra = flat[offset:].to(extra.dtype)
+        return out, reduced_extra
+
+    # ---------------------------------------------------------------- differentiable
+    def sum_differentiable(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """Sum ``tensors`` over ranks in one differentiable all-reduce (``exact`` only)."""
+        if not self.exact:
+            return tuple(tensors)
+        from torch.distributed.nn.functional import all_reduce
+
+        flat = all_reduce(torch.cat([t.reshape(-1) for t in tensors]), group=self.group)
+        return tuple(part.view_as(t) for part, t in
+                     zip(torch.split(flat, [t.numel() for t in tensors]), tensors))
+
+    def softmax(self, logits: Tensor) -> Tensor:
+        """Softmax over this rank's rows (``exact``: over the rows of every rank)."""
+        if not self.exact:
+            return torch.softmax(logits, dim=0)
+        from torch.distributed.nn.functional import all_reduce
+
+        exp = torch.exp(logits - self.max(logits.detach().max()))
+        return exp / all_reduce(exp.sum(), group=self.group)
+
+    def gather_differentiable(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` concatenated, differentiably (``exact`` only).
+
+        Every rank then computes the same function of the result; the backward sums the
+        ranks' gradients, so divide that function by :attr:`world_size` before differentiating.
+        """
+        if not self.exact:
+            return tensor
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor.contiguous(), group=self.group))
+
+
+#: The collectives of a single process.
+LOCAL = Collectives()
+
+
+def resolve_model(model: nn.Module, sync: SyncMode) -> tuple[nn.Module, Collectives]:
+    """The module to run functionally and the collectives to synchronise with.
+
+    A ``DistributedDataParallel`` model is unwrapped; its process group must be initialised.
+    """
+    if sync not in ("outer", "exact"):
+        raise ValueError(f"sync must be 'outer' or 'exact'; got {sync!r}.")
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return model, LOCAL
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "A DistributedDataParallel model was passed, but torch.distributed has no process "
+            "group. Call torch.distributed.init_process_group() first (torchrun sets the "
+            "environment it reads), or pass the unwrapped model for single-process training."
+        )
+    return model.module, Collectives(model.process_group, sync)
