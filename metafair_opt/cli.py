@@ -173,7 +173,15 @@ def _run(args: argparse.Namespace, command: str) -> None:
         forml_val_rows=args.forml_val, report=args.metrics, selection=args.selection,
         settings=settings,
     )
-    results = run_comparison(config, quiet=args.quiet)
+    from metafair_opt.distributed import init_from_environment
+
+    # Under torchrun every rank trains (in lockstep, through DDP); rank 0 alone reports.
+    rank, world = init_from_environment("cpu")
+    results = run_comparison(config, quiet=args.quiet or rank > 0)
+    if rank > 0:
+        return
+    if world > 1:
+        command = _as_launched(command, world)
     summary = write_results(results, config, Path(args.out), command)
     print(f"\n{args.dataset}: test metrics, mean ± std over {args.seeds} seed(s)")
     with pd.option_context("display.max_colwidth", 60, "display.width", 200):
@@ -222,6 +230,7 @@ def _summarize(args: argparse.Namespace) -> None:
 
 
 def _vision(args: argparse.Namespace, command: str) -> None:
+    from metafair_opt.distributed import rank_and_world
     from metafair_opt.integrations.vision.training import VisionConfig, train_vision
     from metafair_opt.reporting import markdown_table
 
@@ -242,6 +251,11 @@ def _vision(args: argparse.Namespace, command: str) -> None:
         )
         metrics, _ = train_vision(config, quiet=args.quiet)
         rows.append({"dataset": args.dataset, "method": args.method, "seed": seed, **metrics})
+    rank, world = rank_and_world()  # under torchrun every rank trains; rank 0 alone reports
+    if rank > 0:
+        return
+    if world > 1:
+        command = _as_launched(command, world)
     frame = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +303,11 @@ def _datasets(args: argparse.Namespace) -> None:
         print()
 
 
+def _as_launched(command: str, world: int) -> str:
+    """The command line as torchrun ran it, for the results' provenance."""
+    return f"torchrun --nproc_per_node {world} -m metafair_opt.cli {command.split(' ', 1)[1]}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metafair-opt`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -315,7 +334,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if error.args else str(error)
         print(f"metafair-opt: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

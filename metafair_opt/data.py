@@ -87,6 +87,11 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
         min_per_group: the guaranteed rows of every group in every batch.
         num_batches: batches per iteration (default: one pass over the data).
         seed: seeds the sampler's own generator, so runs are reproducible.
+        rank, world_size: under torch.distributed, this process's rank and the number of
+            processes. Every group's items are dealt out to the ranks in turn (item k of a group
+            goes to rank ``k % world_size``), each rank samples only its own share, and every
+            rank's batches still hold ``min_per_group`` rows of every group; ``batch_size`` is
+            per rank. Each rank draws from its own stream (``seed + rank``).
     """
 
     def __init__(
@@ -96,15 +101,24 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
         min_per_group: int = 1,
         num_batches: int | None = None,
         seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}); got {rank}.")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.groups = torch.as_tensor(groups).reshape(-1).long()
         self.batch_size = int(batch_size)
         self.min_per_group = int(min_per_group)
         n = self.groups.numel()
+        if self.world_size > 1:
+            self._check_shards(min_per_group)
+            n = sum(int(m.numel()) for m in self._shards().values())
         if self.batch_size < 1 or self.min_per_group < 1:
             raise ValueError("batch_size and min_per_group must be at least 1.")
         if n < self.batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the data set's {n} items.")
+            share = " (this rank's share)" if self.world_size > 1 else ""
+            raise ValueError(f"batch_size={batch_size} exceeds the data set's {n} items{share}.")
         ids, counts = torch.unique(self.groups, return_counts=True)
         self.group_ids = ids.tolist()
         small = {g: int(c) for g, c in zip(ids.tolist(), counts.tolist()) if c < min_per_group}
@@ -118,9 +132,26 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
                 f"{len(self.group_ids)} groups x min_per_group={min_per_group} rows do not fit "
                 f"in batch_size={batch_size}; raise batch_size or lower min_per_group."
             )
-        self.members = {g: torch.nonzero(self.groups == g).flatten() for g in self.group_ids}
+        self.members = self._shards()
         self.num_batches = num_batches if num_batches is not None else -(-n // self.batch_size)
-        self.generator = seeded_generator(seed)
+        self.generator = seeded_generator(None if seed is None else seed + self.rank)
+
+    def _shards(self) -> dict[int, torch.Tensor]:
+        """This rank's items of every group (all of them in a single process)."""
+        return {g: torch.nonzero(self.groups == g).flatten()[self.rank::self.world_size]
+                for g in torch.unique(self.groups).tolist()}
+
+    def _check_shards(self, min_per_group: int) -> None:
+        ids, counts = torch.unique(self.groups, return_counts=True)
+        short = {g: int(c) for g, c in zip(ids.tolist(), counts.tolist())
+                 if c // self.world_size < min_per_group}
+        if short:
+            raise ValueError(
+                f"With {self.world_size} processes every rank needs min_per_group="
+                f"{min_per_group} items of each group, but these groups have too few in total "
+                f"(group: items): {short}. Lower min_per_group, use fewer processes, or merge "
+                "those groups."
+            )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -131,7 +162,8 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         per_group = {g: self._stream(m) for g, m in self.members.items()}
-        everyone = self._stream(torch.arange(self.groups.numel()))
+        everyone = self._stream(torch.arange(self.groups.numel()) if self.world_size == 1
+                                else torch.sort(torch.cat(list(self.members.values())))[0])
         for _ in range(self.num_batches):
             batch: list[int] = []
             chosen: set[int] = set()

@@ -16,6 +16,7 @@ and the validation losses are also combined across ranks through differentiable 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -23,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["LOCAL", "Collectives", "SyncMode", "resolve_model"]
+__all__ = ["LOCAL", "Collectives", "SyncMode", "init_from_environment", "per_rank_batch",
+           "rank_and_world", "resolve_model"]
 
 SyncMode = Literal["outer", "exact"]
 
@@ -173,3 +175,35 @@ def resolve_model(model: nn.Module, sync: SyncMode) -> tuple[nn.Module, Collecti
             "environment it reads), or pass the unwrapped model for single-process training."
         )
     return model.module, Collectives(model.process_group, sync)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_environment(device_type: str = "cpu") -> tuple[int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) initialise the default
+    process group from the environment, gloo on the CPU and nccl on CUDA (each rank on GPU
+    ``LOCAL_RANK``); then return (rank, world size). A single process gets (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return rank_and_world()
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return rank_and_world()
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """Each rank's share of a global batch; an error naming the nearest sizes that divide."""
+    b, w = int(batch_size), int(world_size)
+    if b % w:
+        raise ValueError(
+            f"The batch size {b} does not divide among {w} processes. Use a multiple of {w} "
+            f"(for example --batch-size {b - b % w or w} or {b + w - b % w}), or another "
+            "--nproc_per_node."
+        )
+    return b // w

@@ -74,3 +74,30 @@ def test_balanced_sampler_errors() -> None:
         GroupBalancedBatchSampler(groups, batch_size=5, min_per_group=3)
     with pytest.raises(ValueError, match="batch_size=30 exceeds the data set's 23 items"):
         GroupBalancedBatchSampler(groups, batch_size=30)
+
+
+def test_group_balanced_sampler_shards_across_ranks_with_every_group_on_every_rank() -> None:
+    groups = torch.tensor([0] * 30 + [1] * 9 + [2] * 21)
+    seen = []
+    for rank in range(3):
+        sampler = GroupBalancedBatchSampler(groups, batch_size=8, min_per_group=2,
+                                            num_batches=25, seed=5, rank=rank, world_size=3)
+        items: set[int] = set()
+        for batch in sampler:
+            assert len(batch) == len(set(batch)) == 8
+            for g in (0, 1, 2):
+                assert int((groups[batch] == g).sum()) >= 2
+            items.update(batch)
+        seen.append(items)
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert set().union(*seen) == set(range(60))  # 25 batches of 8 cover each rank's 20 items
+
+
+def test_group_balanced_sampler_refuses_groups_too_small_for_the_world_size() -> None:
+    groups = torch.tensor([0] * 30 + [1] * 5)
+    with pytest.raises(ValueError, match=r"With 3 processes every rank needs min_per_group=2 "
+                                         r"items of each group, but these groups have too few "
+                                         r"in total \(group: items\): \{1: 5\}"):
+        GroupBalancedBatchSampler(groups, batch_size=8, min_per_group=2, rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"rank must lie in \[0, world_size=2\); got 2"):
+        GroupBalancedBatchSampler(groups, batch_size=8, rank=2, world_size=2)

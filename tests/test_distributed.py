@@ -8,12 +8,14 @@ the same on both ranks, and a checkpoint written at world size 2 must continue a
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -226,3 +228,69 @@ def test_sync_must_be_outer_or_exact() -> None:
     with pytest.raises(ValueError, match="sync must be 'outer' or 'exact'; got 'all'"):
         GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                  torch.nn.functional.cross_entropy, sync="all")
+
+
+def test_torchrun_runs_the_tabular_command_on_two_processes_and_writes_once(
+    tmp_path: Path
+) -> None:
+    out = tmp_path / "german"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "metafair_opt.cli", "run", "--dataset", "german",
+               "--methods", "baseline,faalgrad,forml", "--config", "1", "--epochs", "1",
+               "--seeds", "1", "--quiet", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
+    results = pd.read_csv(out / "results.csv")
+    assert {"baseline", "faalgrad c1 I=1", "forml adam w_lr=0.01"} <= set(results["method"])
+    assert results["accuracy"].between(0.3, 1.0).all()
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"].startswith("torchrun --nproc_per_node 2 -m metafair_opt.cli run")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "results.csv", "results.md"]
+
+
+def test_a_batch_size_that_does_not_divide_among_the_processes_is_refused(
+    tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "metafair_opt.cli", "run", "--dataset", "german",
+               "--methods", "baseline", "--epochs", "1", "--seeds", "1", "--batch-size", "65",
+               "--quiet", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert ("The batch size 65 does not divide among 2 processes. Use a multiple of 2 (for "
+            "example --batch-size 64 or 66), or another --nproc_per_node.") in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_runs_the_vision_command_and_its_checkpoint_resumes_in_one_process(
+    tmp_path: Path
+) -> None:
+    out, checkpoint = tmp_path / "out", tmp_path / "ckpt"
+    options = ["--dataset", "colored-digits", "--method", "forml", "--batch-size", "16",
+               "--image-size", "16", "--max-steps-per-epoch", "2", "--device", "cpu",
+               "--seeds", "0", "--quiet", "--checkpoint", str(checkpoint)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "metafair_opt.cli", "vision", *options,
+               "--epochs", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]
+    assert (out / "results.md").read_text().startswith(
+        "Command: `torchrun --nproc_per_node 2 -m metafair_opt.cli vision")
+    assert [p.name for p in checkpoint.iterdir()] == ["last.pt"]
+    state = torch.load(checkpoint / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
+    assert int(state["wrapper"]["seen"].sum()) == 2 * 16  # both ranks' rows, in one table
+
+    from metafair_opt.cli import main
+
+    assert main(["vision", *options, "--epochs", "2", "--resume",
+                 "--out", str(tmp_path / "resumed")]) == 0
+    resumed = torch.load(checkpoint / "last.pt", weights_only=False)
+    assert resumed["epoch"] == 2
+    assert int(resumed["wrapper"]["seen"].sum()) == 4 * 16

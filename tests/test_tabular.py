@@ -223,3 +223,9 @@ def test_command_summarize_combines_results(tmp_path, capsys) -> None:
     assert "| b | baseline | no | 2 | 80.0 ± 0.0 | 0.100 ± 0.141 |" in table
     assert main(["summarize", str(tmp_path / "a.csv"), "--metrics", "speed"]) == 2
     assert "Unknown metric(s) ['speed']" in capsys.readouterr().err
+
+
+def test_command_run_refuses_zero_seeds(tmp_path, capsys) -> None:
+    assert main(["run", "--dataset", "german", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert ("seeds is the number of seeds (0, 1, ...) to run and must be at least 1; got 0."
+            in capsys.readouterr().err)

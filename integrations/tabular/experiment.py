@@ -128,6 +128,9 @@ def _family(spec: MethodSpec) -> str:
 
 def run_comparison(config: ComparisonConfig, quiet: bool = False) -> pd.DataFrame:
     """Train and evaluate every requested method for every seed; one row per (seed, method)."""
+    if config.seeds < 1:
+        raise ValueError(f"seeds is the number of seeds (0, 1, ...) to run and must be at "
+                         f"least 1; got {config.seeds}.")
     unknown = [m for m in config.report if m not in BINARY_METRICS]
     if unknown:
         raise ValueError(f"Unknown metric(s) {unknown}; choose from {list(BINARY_METRICS)}.")

@@ -26,6 +26,7 @@ from metafair_opt import (
     SampleReweighter,
 )
 from metafair_opt.datasets import TabularDataset, standardize, train_val_test_split
+from metafair_opt.distributed import per_rank_batch, rank_and_world
 from metafair_opt.splits import SplitStrategy
 
 __all__ = ["MethodSpec", "Splits", "TrainedScores", "make_splits", "parse_ratio", "train"]
@@ -170,46 +171,56 @@ def train(
     """
     if selection not in ("best", "last"):
         raise ValueError(f"selection must be 'best' or 'last'; got {selection!r}.")
+    rank, world = rank_and_world()
+    per_rank_batch(settings.batch_size, world)  # refuses a batch the ranks cannot share
     torch.manual_seed(seed)
-    model = build_mlp(data.in_features, settings.hidden, settings.activation)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
+    module = build_mlp(data.in_features, settings.hidden, settings.activation)
+    optimizer = torch.optim.Adam(module.parameters(), lr=settings.outer_lr)
+    # Under torchrun: DDP (parameters broadcast from rank 0); every rank walks the same global
+    # batches and takes every world-th row of each, so ranks hold equal shares.
+    model = torch.nn.parallel.DistributedDataParallel(module) if world > 1 else module
     loss_fn = LOSSES[settings.loss]
     x, y, g = data.x["train"], data.y["train"], data.group["train"]
     n = x.shape[0]
-    total_steps = steps if steps is not None else (epochs or 1) * -(-n // settings.batch_size)
+    batches_per_epoch = -(-n // settings.batch_size) if world == 1 else n // settings.batch_size
+    total_steps = steps if steps is not None else (epochs or 1) * batches_per_epoch
     evals = 20 if steps is not None else (epochs or 1)
     eval_every = max(1, total_steps // evals)
 
     step_fn, reweighter, split = _step_function(spec, model, optimizer, loss_fn, data, settings,
-                                                seed)
+                                                seed, rank, world)
     order = torch.Generator().manual_seed(seed)
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    best = (-1.0, 0, copy.deepcopy(module.state_dict()))
     history: list[float] = []
     alignment: list[float] = []
     done = 0
     while done < total_steps:
         for rows in _batches(n, settings.batch_size, order):
+            if world > 1:
+                if rows.numel() < settings.batch_size:
+                    continue  # a last short batch would not divide evenly among the ranks
+                rows = rows[rank::world]
             value = step_fn(x[rows], y[rows], g[rows], rows)
             if value is not None:
                 alignment.append(value)
             done += 1
             if done % eval_every == 0 or done == total_steps:
-                predicted = _scores(model, data.x["val"]) > 0
+                predicted = _scores(module, data.x["val"]) > 0
                 accuracy = float((predicted == data.y["val"].numpy().astype(bool)).mean())
                 history.append(accuracy)
                 if accuracy > best[0] or selection == "last":
-                    best = (accuracy, len(history), copy.deepcopy(model.state_dict()))
+                    best = (accuracy, len(history), copy.deepcopy(module.state_dict()))
                 if progress is not None:
                     progress(len(history), -(-total_steps // eval_every))
             if done == total_steps:
                 break
-    model.load_state_dict(best[2])
+    module.load_state_dict(best[2])
     weights = None
     if reweighter is not None:
         weights = (torch.softmax(reweighter.weights, 0) * reweighter.num_samples).numpy()
     return TrainedScores(
-        val=_scores(model, data.x["val"]),
-        test=_scores(model, data.x["test"]),
+        val=_scores(module, data.x["val"]),
+        test=_scores(module, data.x["test"]),
         best_epoch=best[1],
         val_accuracy=history,
         alignment=alignment,
@@ -221,7 +232,7 @@ def train(
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor], "float | None"]
 
 
-def _step_function(spec, model, optimizer, loss_fn, data, settings, seed):
+def _step_function(spec, model, optimizer, loss_fn, data, settings, seed, rank=0, world=1):
     """A closure doing one training step of ``spec``, its reweighter and its split (or None)."""
     if spec.kind == "baseline":
         def plain(xb, yb, gb, rows):
@@ -259,10 +270,10 @@ def _step_function(spec, model, optimizer, loss_fn, data, settings, seed):
         elif spec.val_rows != "all":
             raise ValueError(f"val_rows must be 'all' or 'negatives'; got {spec.val_rows!r}.")
         groups = int(torch.unique(gv).numel())
-        batch = min(settings.batch_size, xv.shape[0])
+        batch = min(settings.batch_size // world, xv.shape[0] // world)
         sampler = GroupBalancedBatchSampler(
             gv, batch_size=batch, min_per_group=max(1, min(20, batch // (2 * groups))),
-            num_batches=10**9, seed=seed,
+            num_batches=10**9, seed=seed, rank=rank, world_size=world,
         )
         val_batches = iter(sampler)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from metafair_opt.integrations.vision.data import celeba, cifar, colored_digits
 from metafair_opt.integrations.vision.models import build_resnet18
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from metafair_opt import (
@@ -38,6 +38,7 @@ from metafair_opt import (
     RoundRobin,
     SampleReweighter,
 )
+from metafair_opt.distributed import init_from_environment, per_rank_batch, rank_and_world
 from metafair_opt.metrics import binary_fairness_report, class_fairness_report
 
 __all__ = ["DATASET_DEFAULTS", "VisionConfig", "build_datasets", "train_vision"]
@@ -159,6 +160,8 @@ class _Run:
 
     def __init__(self, cfg: VisionConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        self.rank, self.world = rank_and_world()
+        self.local_batch = per_rank_batch(int(cfg.batch_size), self.world)
         self.amp_dtype = amp_dtype(cfg, device)
         # float16 needs loss scaling; the wrappers take the scaler and step through it.
         self.scaler = (torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16
@@ -168,13 +171,19 @@ class _Run:
         model = build_resnet18(self.num_classes, small_input=DATASET_DEFAULTS[cfg.dataset][
             "small_input"])
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        self.model = model.to(device=device, memory_format=self.memory_format)
+        # module: the network itself (checkpointed, evaluated); model: what trains, the module or
+        # under torchrun its DistributedDataParallel (parameters broadcast from rank 0).
+        self.module = model.to(device=device, memory_format=self.memory_format)
+        self.model: nn.Module = self.module
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[device.index or 0] if device.type == "cuda" else None)
         if cfg.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                self.module.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                 weight_decay=cfg.weight_decay)
         else:
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+            self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg.lr,
                                               weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=self._milestones(), gamma=0.1)
@@ -204,6 +213,13 @@ class _Run:
 
     # ---------------------------------------------------------------- data for one epoch
     def _loader(self, epoch: int) -> DataLoader:
+        if self.world > 1:  # each rank its own share of the epoch's permutation
+            sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=_epoch_seed(self.cfg.seed, epoch),
+                                         drop_last=True)
+            return DataLoader(self.train_set, batch_size=self.local_batch, sampler=sampler,
+                              drop_last=True, num_workers=self.cfg.workers,
+                              pin_memory=self.device.type == "cuda")
         generator = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True,
                           drop_last=True, num_workers=self.cfg.workers, generator=generator,
@@ -213,10 +229,12 @@ class _Run:
         groups = self.val_set.groups
         n_groups = int(torch.unique(groups).numel())
         per_group = int(self.cfg.min_per_group)
-        batch = max(int(self.cfg.batch_size), n_groups * per_group)
-        sampler = GroupBalancedBatchSampler(groups, batch_size=min(batch, len(groups)),
+        batch = max(self.local_batch, n_groups * per_group)
+        share = len(groups) // self.world
+        sampler = GroupBalancedBatchSampler(groups, batch_size=min(batch, share),
                                             min_per_group=per_group, num_batches=10**9,
-                                            seed=_epoch_seed(self.cfg.seed, epoch))
+                                            seed=_epoch_seed(self.cfg.seed, epoch),
+                                            rank=self.rank, world_size=self.world)
         loader = DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.cfg.workers)
         for x, y, g, _ in loader:
             yield x, y, g
@@ -268,23 +286,23 @@ class _Run:
 
     @torch.no_grad()
     def predict(self, dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self.model.eval()
+        self.module.eval()
         labels, predictions, groups = [], [], []
         loader = DataLoader(dataset, batch_size=256, shuffle=False, num_workers=self.cfg.workers)
         for x, y, g, _ in loader:
             with _autocast(self.device, self.amp_dtype):
-                logits = self.model(self._to(x))
+                logits = self.module(self._to(x))
             predictions.append(logits.float().argmax(1).cpu().numpy())
             labels.append(y.numpy())
             groups.append(g.numpy())
-        self.model.train()
+        self.module.train()
         return np.concatenate(labels), np.concatenate(predictions), np.concatenate(groups)
 
     # ---------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "wrapper": None if self.wrapper is None else self.wrapper.state_dict(),
@@ -303,7 +321,7 @@ class _Run:
                 "The checkpoint was written by a run with other settings (saved, now): "
                 f"{differing}. Resume with the same settings, or start a new run."
             )
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         if self.wrapper is not None:
             self.wrapper.load_state_dict(state["wrapper"])  # holds the optimizer state too
         else:
@@ -338,7 +356,11 @@ def train_vision(cfg: VisionConfig, quiet: bool = False) -> tuple[dict[str, floa
     """Train one configuration to the end (resuming if asked) and return test metrics."""
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
+    init_from_environment(device.type)  # under torchrun: the process group, gloo or nccl
+    if device.type == "cuda" and rank_and_world()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
     run = _Run(cfg, device)
+    quiet = quiet or run.rank > 0
     checkpoint = Path(cfg.checkpoint) / "last.pt" if cfg.checkpoint else None
     if cfg.resume:
         if checkpoint is None or not checkpoint.is_file():
@@ -349,11 +371,13 @@ def train_vision(cfg: VisionConfig, quiet: bool = False) -> tuple[dict[str, floa
     for _ in epochs:
         loss = run.train_epoch(quiet)
         epochs.set_postfix(loss=f"{loss:.3f}")
-        if checkpoint is not None:
+        if checkpoint is not None and run.rank == 0:  # one writer; the others wait for it
             save_checkpoint(run.state_dict(), checkpoint)
+        if checkpoint is not None and run.world > 1:
+            torch.distributed.barrier()
     y, predicted, groups = run.predict(run.test_set)
     if DATASET_DEFAULTS[cfg.dataset]["class_groups"]:
         metrics = class_fairness_report(y, predicted)
     else:
         metrics = binary_fairness_report(y, predicted, groups)
-    return metrics, run.model
+    return metrics, run.module
