@@ -17,6 +17,7 @@ and the validation losses are also combined across ranks through differentiable 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -28,6 +29,14 @@ __all__ = ["LOCAL", "Collectives", "SyncMode", "init_from_environment", "per_ran
            "rank_and_world", "resolve_model"]
 
 SyncMode = Literal["outer", "exact"]
+
+# torch 2.15 marks torch.distributed.nn.functional deprecated in favour of the private
+# torch.distributed._functional_collectives; the public functions still work, and this module
+# keeps to public API, so their FutureWarning (one per call site and step) is silenced here only.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_(reduce|gather) is deprecated",
+    category=FutureWarning,
+)
 
 #: Bucket size for the final gradient all-reduce (DistributedDataParallel's default).
 BUCKET_BYTES = 25 * 2**20

@@ -298,21 +298,32 @@ class SampleReweighter(MetaOptimizerBase):
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
         # rows: the table rows of the whole batch (every rank's under DDP); inverse: this
         # rank's samples' positions among them.
-        rows, all_inverse = torch.unique(idx_all, return_inverse=True)
-        inverse = all_inverse[coll.rank * n:(coll.rank + 1) * n].to(losses.device)
+        rows, found = torch.unique(idx_all, return_inverse=True)
+        all_inverse: Tensor | None = found
+        inverse: Tensor | slice | None
+        if rows.numel() == idx_all.numel():
+            # No repeats (the usual case): address the table in batch order, so this rank's
+            # samples are the rows themselves (a slice of them under DDP) and no gather enters
+            # the autograd graph.
+            rows, all_inverse = idx_all, None
+            inverse = None if coll.world_size == 1 else slice(coll.rank * n, (coll.rank + 1) * n)
+        else:
+            inverse = found[coll.rank * n:(coll.rank + 1) * n].to(losses.device)
         adam_rows: dict[str, Tensor] | None = None
+        current = self._table[rows]
         if meta_step:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
-                theta, losses, rows, inverse, x_val, y_val, g_val
+                theta, losses, current, inverse, x_val, y_val, g_val
             )
             # Each rank's gradient on the rows of its own samples, summed over ranks.
             row_grads = coll.sum(row_grads)
             watched += [("validation loss", val_losses), ("meta-loss", meta),
                         ("meta-gradient of the batch's weights", row_grads)]
-            new_rows, adam_rows = self._updated_rows(rows, row_grads.to(self._table.device))
+            new_rows, adam_rows = self._updated_rows(rows, current,
+                                                     row_grads.to(self._table.device))
         else:
-            new_rows = self._table[rows]
-        new_weights = coll.softmax(new_rows.to(losses.device)[inverse])
+            new_rows = current
+        new_weights = coll.softmax(_take(new_rows.to(losses.device), inverse))
         final_loss = (new_weights * losses).sum()
         final_grads = torch.autograd.grad(self._scaled(final_loss), theta, allow_unused=True)
 
@@ -332,7 +343,7 @@ class SampleReweighter(MetaOptimizerBase):
         if coll.distributed:  # every rank keeps the whole batch's moving averages
             self._update_ema(rows, all_inverse, coll.gather(ema_values))
         else:
-            self._update_ema(rows, inverse, ema_values)
+            self._update_ema(rows, None if all_inverse is None else found, ema_values)
         self.step_count += 1
         group_losses: dict[int, float] = {}
         meta_value = float("nan")
@@ -347,14 +358,15 @@ class SampleReweighter(MetaOptimizerBase):
         )
 
     def _meta_gradient(
-        self, theta: tuple[Tensor, ...], losses: Tensor, rows: Tensor, inverse: Tensor,
+        self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
+        inverse: Tensor | slice | None,
         x_val: Batch, y_val: Any, g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
         validation losses and the (group ids, group mean losses), all detached."""
         fm, coll = self._fmodel, self._coll
-        logits = self._table[rows].to(losses.device).requires_grad_(True)
-        weighted = (coll.softmax(logits[inverse]) * losses).sum()
+        logits = current.detach().to(losses.device).requires_grad_(True)
+        weighted = (coll.softmax(_take(logits, inverse)) * losses).sum()
         # retain_graph (implied by create_graph) keeps the training forward for the final update.
         grads = self._unscaled(torch.autograd.grad(self._scaled(weighted), theta,
                                                    create_graph=True, materialize_grads=True))
@@ -435,8 +447,9 @@ class SampleReweighter(MetaOptimizerBase):
         idx = as_row_vector(idx, "idx").long()
         if idx.numel() != rows:
             raise ValueError(f"idx has {idx.numel()} entries but the batch has {rows} rows.")
-        outside = (idx < 0) | (idx >= self.num_samples)
-        if bool(outside.any()):
+        low, high = torch.aminmax(idx)
+        if int(low) < 0 or int(high) >= self.num_samples:
+            outside = (idx < 0) | (idx >= self.num_samples)
             raise IndexError(
                 f"Sample index {int(idx[outside][0])} is outside the weight table's range "
                 f"[0, {self.num_samples}). idx must hold dataset indices (IndexedDataset gives "
@@ -476,10 +489,10 @@ class SampleReweighter(MetaOptimizerBase):
                      else self.param_groups[0]["lr"])
 
     def _updated_rows(
-        self, rows: Tensor, grads: Tensor
+        self, rows: Tensor, current: Tensor, grads: Tensor
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """New table values for ``rows`` and, for Adam, their new state; nothing is stored."""
-        current = self._table[rows]
+        """New table values for ``rows`` (now ``current``) and, for Adam, their new state;
+        nothing is stored."""
         if self.weight_optimizer == "sgd":
             return current - self.weight_lr * grads, None
         beta1, beta2 = self.adam_betas
@@ -507,16 +520,23 @@ class SampleReweighter(MetaOptimizerBase):
         for key, row_values in values.items():
             self._adam[key][rows] = row_values.to(self._adam[key].dtype)
 
-    def _update_ema(self, rows: Tensor, inverse: Tensor, values: Tensor) -> None:
+    def _update_ema(self, rows: Tensor, inverse: Tensor | None, values: Tensor) -> None:
+        """Blend each row's mean value into its moving average; ``inverse`` maps values to
+        ``rows`` (None: one value per row, in order)."""
         values = values.to(self._table.device, self._ema.dtype)
-        inverse = inverse.to(self._table.device)
-        if rows.numel() == inverse.numel():  # no duplicates: one value per row
-            row_values = values.new_empty(rows.numel()).scatter_(0, inverse, values)
+        if inverse is None:
+            row_values = values
             counts: Tensor | int = 1
         else:  # duplicates in the batch: the mean of each row's values
+            inverse = inverse.to(self._table.device)
             counts = torch.bincount(inverse, minlength=rows.numel())
             row_values = values.new_zeros(rows.numel()).index_add_(0, inverse, values) / counts
         previous = self._ema[rows]
         blended = torch.lerp(row_values, previous, self.ema_decay)  # NaN where never seen
         self._ema[rows] = torch.where(torch.isnan(previous), row_values, blended)
         self._seen[rows] += counts
+
+
+def _take(values: Tensor, inverse: Tensor | slice | None) -> Tensor:
+    """``values[inverse]``; None takes them all, as they are."""
+    return values if inverse is None else values[inverse]
