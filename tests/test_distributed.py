@@ -285,7 +285,10 @@ def test_torchrun_runs_the_vision_command_and_its_checkpoint_resumes_in_one_proc
     assert [p.name for p in checkpoint.iterdir()] == ["last.pt"]
     state = torch.load(checkpoint / "last.pt", weights_only=False)
     assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])
-    assert int(state["wrapper"]["seen"].sum()) == 2 * 16  # both ranks' rows, in one table
+    # Two steps of 16 rows shared by two ranks: 32 distinct rows in one table (ranks that did not
+    # shard would have drawn the same 16 twice).
+    assert int(state["wrapper"]["seen"].sum()) == 2 * 16
+    assert int((state["wrapper"]["seen"] > 0).sum()) == 2 * 16
 
     from metafair_opt.cli import main
 
