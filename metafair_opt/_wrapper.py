@@ -54,11 +54,21 @@ class MetaOptimizerBase:
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() \
             else None
         self._scale: float | None = None
+        self._scaler_started = False
 
     # ------------------------------------------------------------------- loss scaling
     def _begin_step(self) -> None:
         """Read the loss scale once per step (None without a scaler)."""
-        self._scale = None if self.grad_scaler is None else float(self.grad_scaler.get_scale())
+        scaler = self.grad_scaler
+        if scaler is None:
+            self._scale = None
+            return
+        if not self._scaler_started:
+            # A fresh scaler creates its scale tensor on its first scale(); do it now, so a rank
+            # with nothing to scale this step (DDP) can still step and update it.
+            scaler.scale(torch.zeros((), device=self._fmodel.params[0].device))
+            self._scaler_started = True
+        self._scale = float(scaler.get_scale())
 
     def _scaled(self, loss: Tensor) -> Tensor:
         # Through the scaler, which creates its scale tensor on first use.
@@ -181,12 +191,16 @@ class MetaOptimizerBase:
                     sentinel.detach().sum().float() if sentinel is not None else zero,
                     torch.isfinite(first).all().float() if first is not None else zero + 1,
                 ])
-            grads, extra = self._coll.reduce_gradients(grads, extra)
+            grads, extra = self._coll.reduce_gradients(grads, self._fmodel.params, extra)
             if extra is not None:
                 sentinel, first_finite = extra[0], extra[1]
         if check and not self._check_all_finite(watched, grads, sentinel, first_finite):
             assert scaler is not None and self._scale is not None
             scaler.update(new_scale=self._scale * scaler.get_backoff_factor())
+            # As GradScaler's own update after an overflow: growth counts from zero again.
+            tracker = getattr(scaler, "_growth_tracker", None)
+            if isinstance(tracker, Tensor):
+                tracker.zero_()
             return False
         params = self._fmodel.params
         previous = [p.grad for p in params]

@@ -190,14 +190,20 @@ def _run(args: argparse.Namespace, command: str) -> None:
 
 
 def _sweep(args: argparse.Namespace, command: str) -> None:
+    from metafair_opt.distributed import init_from_environment
     from metafair_opt.integrations.tabular.experiment import plot_tradeoff, run_sweep, summarize
     from metafair_opt.reporting import markdown_table
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = init_from_environment("cpu")  # under torchrun: rank 0 alone writes
     results, curve = run_sweep(args.dataset, args.ratios, args.inner_lrs or [None],
                                args.inner_steps, args.seeds, args.epochs, args.data_dir,
-                               quiet=args.quiet)
+                               quiet=args.quiet or rank > 0)
+    if rank > 0:
+        return
+    if world > 1:
+        command = _as_launched(command, world)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     skipped = results.attrs.get("skipped_ratios", [])
     summary = summarize(results)
     results.to_csv(out / "sweep.csv", index=False)

@@ -113,11 +113,13 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
         n = self.groups.numel()
         if self.world_size > 1:
             self._check_shards(min_per_group)
-            n = sum(int(m.numel()) for m in self._shards().values())
+            # Every rank sizes itself by the smallest share, so all ranks agree on the number
+            # of batches and on whether batch_size fits.
+            n = self.smallest_share(self.groups, self.world_size)
         if self.batch_size < 1 or self.min_per_group < 1:
             raise ValueError("batch_size and min_per_group must be at least 1.")
         if n < self.batch_size:
-            share = " (this rank's share)" if self.world_size > 1 else ""
+            share = " (the smallest rank's share)" if self.world_size > 1 else ""
             raise ValueError(f"batch_size={batch_size} exceeds the data set's {n} items{share}.")
         ids, counts = torch.unique(self.groups, return_counts=True)
         self.group_ids = ids.tolist()
@@ -135,6 +137,13 @@ class GroupBalancedBatchSampler(Sampler[list[int]]):
         self.members = self._shards()
         self.num_batches = num_batches if num_batches is not None else -(-n // self.batch_size)
         self.generator = seeded_generator(None if seed is None else seed + self.rank)
+
+    @staticmethod
+    def smallest_share(groups: Sequence[int] | torch.Tensor, world_size: int) -> int:
+        """Items of the rank with the fewest when ``groups`` is dealt out to ``world_size``
+        ranks group by group (the whole data set for one process)."""
+        counts = torch.unique(torch.as_tensor(groups).reshape(-1), return_counts=True)[1]
+        return int((counts // int(world_size)).sum())
 
     def _shards(self) -> dict[int, torch.Tensor]:
         """This rank's items of every group (all of them in a single process)."""

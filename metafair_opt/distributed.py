@@ -90,46 +90,51 @@ class Collectives:
         return value
 
     def reduce_gradients(
-        self, grads: Sequence[Tensor | None], extra: Tensor | None = None
-    ) -> tuple[list[Tensor | None], Tensor | None]:
+        self, grads: Sequence[Tensor | None], params: Sequence[Tensor],
+        extra: Tensor | None = None,
+    ) -> tuple[list[Tensor], Tensor | None]:
         """Sum (``exact``: each rank's loss was already normalised over the global batch) or
-        average (``outer``) ``grads`` across ranks, bucketed; ``extra`` (a small vector, e.g.
-        finiteness sentinels) is summed in the last bucket."""
-        grads = list(grads)
+        average (``outer``) ``grads`` across ranks, bucketed by size and dtype; ``extra`` (a
+        small vector, e.g. finiteness sentinels) is summed alongside in float32 or wider.
+
+        A parameter without a gradient on this rank (``None``: unused by this rank's data)
+        counts as a zero gradient, so every rank builds the same buckets, as DDP does.
+        """
+        full = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
         if not self.distributed:
-            return grads, extra
-        present = [i for i, g in enumerate(grads) if g is not None]
+            return full, extra
         scale = 1.0 if self.exact else 1.0 / self.world_size
-        buckets: list[list[int]] = [[]]
+        buckets: list[list[int]] = []
         size = 0
-        for i in present:
-            nbytes = grads[i].numel() * grads[i].element_size()  # type: ignore[union-attr]
-            if buckets[-1] and size + nbytes > BUCKET_BYTES:
+        for i, g in enumerate(full):
+            nbytes = g.numel() * g.element_size()
+            if (not buckets or size + nbytes > BUCKET_BYTES
+                    or full[buckets[-1][0]].dtype != g.dtype):
                 buckets.append([])
                 size = 0
             buckets[-1].append(i)
             size += nbytes
-        out: list[Tensor | None] = list(grads)
-        reduced_extra = extra
-        for b, bucket in enumerate(buckets):
-            parts = [grads[i].detach().reshape(-1) for i in bucket]  # type: ignore[union-attr]
-            last = b == len(buckets) - 1
-            if last and extra is not None:
-                dtype = parts[0].dtype if parts else extra.dtype
-                parts.append(extra.detach().reshape(-1).to(dtype))
-            if not parts:
-                continue
+        out = list(full)
+        wide = (torch.float32, torch.float64)
+        host = None
+        if extra is not None:
+            host = next((b for b in reversed(buckets) if full[b[0]].dtype in wide), None)
+        for bucket in buckets:
+            parts = [full[i].reshape(-1) for i in bucket]
+            if bucket is host:
+                parts.append(extra.detach().reshape(-1).to(full[bucket[0]].dtype))  # type: ignore[union-attr]
             flat = torch.cat(parts)
             dist.all_reduce(flat, group=self.group)
             offset = 0
             for i in bucket:
-                g = grads[i]
-                assert g is not None
-                out[i] = flat[offset:offset + g.numel()].view_as(g) * scale
-                offset += g.numel()
-            if last and extra is not None:
-                reduced_extra = flat[offset:].to(extra.dtype)
-        return out, reduced_extra
+                out[i] = flat[offset:offset + full[i].numel()].view_as(full[i]) * scale
+                offset += full[i].numel()
+            if bucket is host:
+                extra = flat[offset:].to(extra.dtype)  # type: ignore[union-attr]
+        if extra is not None and host is None:  # no float32/64 gradients: reduce it alone
+            extra = extra.detach().to(torch.float32).clone()
+            dist.all_reduce(extra, group=self.group)
+        return out, extra
 
     # ---------------------------------------------------------------- differentiable
     def sum_differentiable(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:

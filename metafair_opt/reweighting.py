@@ -156,7 +156,8 @@ class SampleReweighter(MetaOptimizerBase):
         device = torch.device(weight_device) if weight_device is not None else (
             self._fmodel.params[0].device
         )
-        dtype = self._fmodel.params[0].dtype  # float64 models get a float64 table
+        # float64 models get a float64 table; low-precision ones keep float32 weights.
+        dtype = torch.float64 if self._fmodel.params[0].dtype == torch.float64 else torch.float32
         self._table = torch.zeros(self.num_samples, device=device, dtype=dtype)
         self._ema = torch.full((self.num_samples,), float("nan"), device=device, dtype=dtype)
         self._seen = torch.zeros(self.num_samples, dtype=torch.long, device=device)
@@ -286,9 +287,10 @@ class SampleReweighter(MetaOptimizerBase):
             x_val, y_val, g_val = self._checked_validation(val)
 
         coll = self._coll
-        n_global = n
+        n_global = n  # the rows one softmax normalises over: every rank's under sync="exact"
         if coll.distributed:  # checked on every rank alike, before any other collective
-            n_global = self._check_shards(n, (x_val, y_val, g_val) if meta_step else None)
+            total = self._check_shards(n, (x_val, y_val, g_val) if meta_step else None)
+            n_global = total if coll.exact else n
             idx_all = coll.gather(idx.to(fm.params[0].device)).to(idx.device)
         else:
             idx_all = idx

@@ -42,6 +42,19 @@ def shard_data(step: int, rank: int) -> dict[str, torch.Tensor]:
     return {"x": x, "y": y, "groups": groups, "idx": idx, "xv": xv, "yv": yv, "gv": gv}
 
 
+class TwoHeads(nn.Module):
+    """Each batch uses one head, chosen by its data: under DDP the ranks can differ in which
+    parameters have a gradient at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.body(x))
+        return self.a(hidden) if bool(x[0, 0] > 0) else self.b(hidden)
+
+
 def make_wrapper(kind: str, model: nn.Module, optimizer, sync: str = "outer"):
     if kind == "alignment":
         return GradientAlignmentWrapper(model, optimizer, F.cross_entropy, inner_lr=0.3,
@@ -71,11 +84,23 @@ def main() -> None:
                             world_size=world)
     try:
         kind, sync = scenario.split("-")[:2]
-        model = nn.parallel.DistributedDataParallel(make_model())
+        if scenario.endswith("unused"):
+            torch.manual_seed(0)
+            base: nn.Module = TwoHeads().double()
+        else:
+            base = make_model()
+        model = nn.parallel.DistributedDataParallel(base)
         optimizer = make_optimizer(model.module)
         wrapper = make_wrapper(kind, model, optimizer, sync)
         record: dict = {}
-        if scenario.endswith("unequal"):
+        if scenario.endswith("unused"):
+            for step in range(STEPS):
+                data = shard_data(step, rank)
+                data["x"][:, 0] = 1.0 if rank == 0 else -1.0  # rank 0 uses head a, rank 1 b
+                wrapper.zero_grad()
+                run_step(kind, wrapper, data)
+            record["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        elif scenario.endswith("unequal"):
             data = shard_data(0, rank)
             if rank == 1:
                 data = {k: (v[:6] if k in ("x", "y", "groups", "idx") else v)
@@ -98,9 +123,10 @@ def main() -> None:
         else:
             for step in range(STEPS):
                 wrapper.zero_grad()
-                run_step(kind, wrapper, shard_data(step, rank))
+                result = run_step(kind, wrapper, shard_data(step, rank))
             record["params"] = [p.detach().clone() for p in model.module.parameters()]
             if kind == "reweighter":
+                record["batch_weights"] = result.batch_weights.clone()
                 record["weights"] = wrapper.weights.clone()
                 record["ema"] = wrapper.to_frame()["ema_weighted_loss"].to_numpy()
             if rank == 0:  # one checkpoint, written once

@@ -101,3 +101,15 @@ def test_group_balanced_sampler_refuses_groups_too_small_for_the_world_size() ->
         GroupBalancedBatchSampler(groups, batch_size=8, min_per_group=2, rank=0, world_size=3)
     with pytest.raises(ValueError, match=r"rank must lie in \[0, world_size=2\); got 2"):
         GroupBalancedBatchSampler(groups, batch_size=8, rank=2, world_size=2)
+
+
+def test_group_balanced_sampler_ranks_agree_on_length_when_shares_are_uneven() -> None:
+    groups = torch.tensor([0] * 5 + [1] * 5)  # shares of 6 and 4 items
+    lengths = {len(GroupBalancedBatchSampler(groups, batch_size=2, rank=r, world_size=2))
+               for r in range(2)}
+    assert lengths == {2}  # from the smallest share, so no rank steps alone
+    assert GroupBalancedBatchSampler.smallest_share(groups, 2) == 4
+    for rank in range(2):  # both ranks refuse a batch the smallest share cannot fill
+        with pytest.raises(ValueError, match=r"batch_size=5 exceeds the data set's 4 items "
+                                             r"\(the smallest rank's share\)"):
+            GroupBalancedBatchSampler(groups, batch_size=5, rank=rank, world_size=2)

@@ -83,6 +83,9 @@ def test_exact_sync_on_two_ranks_equals_one_process_on_the_concatenated_batches(
                                        wrapper.to_frame()["ema_weighted_loss"].to_numpy(),
                                        rtol=1e-10, equal_nan=True)
         assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+        # batch_weights: uniform is 1 per row over the global batch (16 rows on two ranks).
+        total = ranks[0]["batch_weights"].sum() + ranks[1]["batch_weights"].sum()
+        torch.testing.assert_close(total, torch.tensor(16.0, dtype=total.dtype))
 
         # The checkpoint written once at world size 2 continues at world size 1, exactly.
         state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -138,6 +141,9 @@ def test_outer_sync_reweighter_keeps_one_table_and_averages_shard_gradients(
     time against shards computed independently in this process."""
     ranks = launch("reweighter-outer", tmp_path)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    for record in ranks:  # each rank's softmax is over its own 8 rows: uniform is 1 per row
+        torch.testing.assert_close(record["batch_weights"].mean(),
+                                   torch.tensor(1.0, dtype=record["batch_weights"].dtype))
     np.testing.assert_array_equal(ranks[0]["ema"], ranks[1]["ema"])
     for got0, got1 in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(got0, got1)
@@ -297,3 +303,21 @@ def test_torchrun_runs_the_vision_command_and_its_checkpoint_resumes_in_one_proc
     resumed = torch.load(checkpoint / "last.pt", weights_only=False)
     assert resumed["epoch"] == 2
     assert int(resumed["wrapper"]["seen"].sum()) == 4 * 16
+
+
+@pytest.mark.parametrize("kind", ["alignment", "reweighter"])
+def test_parameters_unused_on_one_rank_keep_the_ranks_identical(kind: str,
+                                                                tmp_path: Path) -> None:
+    """Rank 0's data uses head a, rank 1's head b: every rank must still reduce the same
+    gradient layout (a missing gradient counts as zero), so the parameters stay identical."""
+    ranks = launch(f"{kind}-outer-unused", tmp_path)
+    for key, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][key]), key
+    initial = {k: v.double() for k, v in _two_heads_initial().items()}
+    for head in ("a.weight", "b.weight"):  # both heads trained, each by one rank's data
+        assert not torch.equal(ranks[0]["params"][head], initial[head])
+
+
+def _two_heads_initial() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return worker.TwoHeads().state_dict()

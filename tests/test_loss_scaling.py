@@ -156,3 +156,20 @@ def test_grad_scaler_must_be_a_grad_scaler() -> None:
     with pytest.raises(TypeError, match=r"grad_scaler must be a torch\.amp\.GradScaler; got float"):
         GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                  F.cross_entropy, grad_scaler=1024.0)
+
+
+def test_an_overflow_restarts_the_growth_count_as_gradscaler_does() -> None:
+    """good step, overflow, good step with growth_interval=2: GradScaler's own rule keeps the
+    backed-off scale (the growth count restarts at the overflow)."""
+    x, y, _ = make_data()
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
+    wrapper = make_wrapper("alignment", model, torch.optim.SGD(model.parameters(), lr=0.01),
+                           scaler)
+    scales = []
+    for inputs in (x, x * 1000.0, x):  # the large inputs overflow float16 in the backward only
+        wrapper.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            result = run_step("alignment", wrapper, inputs, y, None)
+        scales.append((result.skipped, scaler.get_scale()))
+    assert scales == [(False, 2.0**16), (True, 2.0**15), (False, 2.0**15)]

@@ -209,3 +209,20 @@ def test_vision_run_with_float16_and_a_grad_scaler(method: str, tmp_path) -> Non
     assert state["optimizer"]["state"], "every float16 step was skipped"
     _, model2 = train_vision(replace(cfg, epochs=2, resume=True), quiet=True)
     assert all(torch.isfinite(p).all() for p in model2.parameters())
+
+
+def test_resume_compares_the_autocast_dtype_the_run_used(tmp_path) -> None:
+    from metafair_opt.integrations.vision.training import train_vision
+
+    cfg = tiny_config(method="baseline", amp=True, checkpoint=str(tmp_path))
+    train_vision(cfg, quiet=True)  # bfloat16 on the CPU
+    path = tmp_path / "last.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["amp_resolved"] == "torch.bfloat16"
+    del state["amp_resolved"], state["config"]["amp_dtype"]  # as written before float16 support
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"'autocast dtype': \('torch.bfloat16', "
+                                         r"'torch.float16'\)"):
+        train_vision(replace(cfg, epochs=2, resume=True, amp_dtype="float16"), quiet=True)
+    train_vision(replace(cfg, epochs=2, resume=True), quiet=True)  # auto: bfloat16 here
+    assert torch.load(path, weights_only=False)["epoch"] == 2

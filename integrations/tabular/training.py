@@ -270,7 +270,8 @@ def _step_function(spec, model, optimizer, loss_fn, data, settings, seed, rank=0
         elif spec.val_rows != "all":
             raise ValueError(f"val_rows must be 'all' or 'negatives'; got {spec.val_rows!r}.")
         groups = int(torch.unique(gv).numel())
-        batch = min(settings.batch_size // world, xv.shape[0] // world)
+        batch = min(settings.batch_size // world,
+                    GroupBalancedBatchSampler.smallest_share(gv, world))
         sampler = GroupBalancedBatchSampler(
             gv, batch_size=batch, min_per_group=max(1, min(20, batch // (2 * groups))),
             num_batches=10**9, seed=seed, rank=rank, world_size=world,

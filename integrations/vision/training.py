@@ -230,7 +230,7 @@ class _Run:
         n_groups = int(torch.unique(groups).numel())
         per_group = int(self.cfg.min_per_group)
         batch = max(self.local_batch, n_groups * per_group)
-        share = len(groups) // self.world
+        share = GroupBalancedBatchSampler.smallest_share(groups, self.world)
         sampler = GroupBalancedBatchSampler(groups, batch_size=min(batch, share),
                                             min_per_group=per_group, num_batches=10**9,
                                             seed=_epoch_seed(self.cfg.seed, epoch),
@@ -308,6 +308,7 @@ class _Run:
             "wrapper": None if self.wrapper is None else self.wrapper.state_dict(),
             "split": getattr(getattr(self, "split", None), "state_dict", lambda: None)(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "amp_resolved": str(self.amp_dtype),
             "config": asdict(self.cfg),
         }
 
@@ -316,6 +317,12 @@ class _Run:
         saved = state.get("config", {})
         differing = {k: (saved[k], current[k]) for k in saved
                      if k not in _RESUMABLE_CHANGES and saved[k] != current.get(k)}
+        # amp_dtype="auto" depends on the device, so compare the dtype the run used; checkpoints
+        # older than float16 support trained --amp in bfloat16.
+        saved_amp = state.get("amp_resolved",
+                              str(torch.bfloat16 if saved.get("amp") else None))
+        if saved_amp != str(self.amp_dtype):
+            differing["autocast dtype"] = (saved_amp, str(self.amp_dtype))
         if differing:
             raise ValueError(
                 "The checkpoint was written by a run with other settings (saved, now): "
@@ -337,7 +344,8 @@ class _Run:
 
 
 #: Settings that may differ between a run and its resumption.
-_RESUMABLE_CHANGES = {"epochs", "resume", "checkpoint", "workers", "device", "quiet"}
+_RESUMABLE_CHANGES = {"epochs", "resume", "checkpoint", "workers", "device", "quiet",
+                      "amp_dtype"}  # compared as the resolved autocast dtype instead
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
