@@ -89,7 +89,8 @@ class SampleReweighter(MetaOptimizerBase):
         ema_decay: decay of the per-example moving average of the normalised weighted loss
             used by :meth:`prune` and :meth:`keep_indices`.
         weight_device: where the table lives (default: the model's device; ``"cpu"`` for very
-            large data sets). A step reads and writes only the batch's rows.
+            large data sets). A step reads and writes only the batch's rows. The table is
+            float64 for a float64 model and float32 otherwise.
         adam_betas, adam_eps: Adam's constants for ``weight_optimizer="adam"``.
         check_finite: raise FloatingPointError on a NaN/inf loss or meta-gradient.
         meta_every: update the weights on every ``meta_every``-th step only (counting from the
