@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from metafair_opt.distributed import SyncMode, resolve_model
 __all__ = ["MetaOptimizerBase"]
 
 
-class MetaOptimizerBase:
+class MetaOptimizerBase(ABC):
     """``zero_grad``, ``param_groups``, configuration checks and the atomic commit of a step.
 
     Subclasses set ``self.model``, ``self.optimizer``, ``self.check_finite`` and implement
@@ -92,8 +93,9 @@ class MetaOptimizerBase:
         """Clear the gradients of every parameter the wrapped optimizer holds."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def config(self) -> dict[str, Any]:  # pragma: no cover - every subclass overrides it
-        raise NotImplementedError
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The wrapper's configuration, as saved in its ``state_dict``."""
 
     def _warn_if_config_differs(self, saved: Mapping[str, Any]) -> None:
         current = self.config()

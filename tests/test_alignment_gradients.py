@@ -17,13 +17,7 @@ from torch import Tensor, nn
 from metafair_opt import GradientAlignmentWrapper
 from tests.helpers import rel_error
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
 
 
 def bce(output: Tensor, target: Tensor) -> Tensor:

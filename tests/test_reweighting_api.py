@@ -260,14 +260,21 @@ def test_loading_a_table_of_another_size_is_rejected() -> None:
 
 
 # ---------------------------------------------------------------------------- pruning
-def test_prune_and_keep_indices_on_known_losses() -> None:
-    """Zero model, zero learning rates: each example's weighted-loss EMA is its own y**2."""
+def frozen_zero_reweighter(num_samples: int, **options) -> SampleReweighter:
+    """A zero linear model with every learning rate 0: a row's normalised weighted loss is its
+    target squared, so the moving averages are known in advance."""
     model = nn.Linear(1, 1)
     nn.init.zeros_(model.weight)
     nn.init.zeros_(model.bias)
-    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=10,
-                          loss_fn=F.mse_loss, meta_loss="cross_entropy", weight_lr=0.0,
-                          lookahead_lr=0.0)
+    return SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                            num_samples=num_samples, loss_fn=F.mse_loss,
+                            meta_loss="cross_entropy", weight_lr=0.0, lookahead_lr=0.0,
+                            **options)
+
+
+def test_prune_and_keep_indices_on_known_losses() -> None:
+    """Zero model, zero learning rates: each example's weighted-loss EMA is its own y**2."""
+    rw = frozen_zero_reweighter(10)
     targets = torch.tensor([3.0, -1.0, 0.5, 2.0, -0.2, 4.0, 1.5, -2.5, 0.1, 5.0])
     for idx in (torch.arange(0, 6), torch.arange(4, 10), torch.arange(0, 6)):
         x = torch.zeros(idx.numel(), 1)
@@ -360,12 +367,7 @@ def test_failing_optimizer_step_leaves_weights_and_tables_unchanged() -> None:
 
 def test_ema_blends_visits_and_averages_duplicates() -> None:
     """Zero model and learning rates: the normalised weighted loss of row i is its y**2."""
-    model = nn.Linear(1, 1)
-    nn.init.zeros_(model.weight)
-    nn.init.zeros_(model.bias)
-    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=4,
-                          loss_fn=F.mse_loss, meta_loss="cross_entropy", weight_lr=0.0,
-                          lookahead_lr=0.0, ema_decay=0.75)
+    rw = frozen_zero_reweighter(4, ema_decay=0.75)
     val = (torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0, 1]))
 
     def visit(idx: list[int], targets: list[float]) -> None:

@@ -26,15 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
-
-try:
-    from torchvision import transforms as T
-    from torchvision.datasets import CIFAR10, CIFAR100, CelebA
-except ImportError as err:  # pragma: no cover - exercised only without the vision extra
-    raise ImportError(
-        "metafair_opt.integrations.vision needs torchvision and timm: "
-        'pip install "metafair-opt[vision]"'
-    ) from err
+from torchvision import transforms as T
+from torchvision.datasets import CIFAR10, CIFAR100, CelebA
 
 __all__ = [
     "CIFAR_STATS",

@@ -9,15 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import timm
 from torch import nn
-
-try:
-    import timm
-except ImportError as err:  # pragma: no cover - exercised only without the vision extra
-    raise ImportError(
-        "metafair_opt.integrations.vision needs timm and torchvision: "
-        'pip install "metafair-opt[vision]"'
-    ) from err
 
 __all__ = ["build_resnet18", "cached_resnet18_weights"]
 
