@@ -114,8 +114,8 @@ class MetaOptimizerBase(ABC):
         sentinel: Tensor | None,
         first_finite: Tensor | None = None,
     ) -> bool:
-        """One host sync for the step: ``sentinel`` (a loss every other loss flows into) plus
-        the norms of ``grads``. Only when that is not finite are the ``watched`` losses
+        """One host sync for the step: ``sentinel`` (a loss every other loss flows into) and
+        every element of ``grads``. Only when that is not finite are the ``watched`` losses
         inspected, to name the first non-finite one (in the order the step computed them).
 
         Returns True when everything is finite. Under loss scaling it returns False for an
@@ -125,11 +125,7 @@ class MetaOptimizerBase(ABC):
         ``first_finite`` (1 where the first watched loss is finite) come summed over the ranks,
         so every rank takes the same decision.
         """
-        present = [g for g in grads if g is not None]
-        parts = [torch.stack(torch._foreach_norm(present)).sum()] if present else []
-        if sentinel is not None:
-            parts.append(sentinel.detach().sum())
-        if not parts or bool(torch.isfinite(sum(parts))):
+        if _all_finite(grads, sentinel, self._fmodel.params[0].device):
             return True
         if first_finite is None and watched:
             first_finite = torch.isfinite(watched[0][1].detach()).all().float()
@@ -228,3 +224,37 @@ class MetaOptimizerBase(ABC):
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({type(self.optimizer).__name__}, {settings})"
+
+
+_ONE: dict[torch.device, Tensor] = {}
+
+
+def _all_finite(grads: Sequence[Tensor | None], sentinel: Tensor | None,
+                device: torch.device) -> bool:
+    """Whether ``sentinel`` and every element of ``grads`` are finite, with one host sync.
+
+    The gradients go through AMP's fused finiteness check (one dispatch for the whole list, no
+    reduction that could overflow); it multiplies them in place by exactly 1, which leaves
+    their values as they are. The flag starts as ``sentinel * 0``: 0 when it is finite, NaN
+    otherwise.
+    """
+    present = [g for g in grads if g is not None]
+    if sentinel is not None:
+        flag = sentinel.detach().sum().float() * 0.0
+    elif present:
+        flag = torch.zeros((), device=device)
+    else:
+        return True
+    if present:
+        one = _ONE.get(flag.device)
+        if one is None:
+            one = _ONE.setdefault(flag.device, torch.ones((), device=flag.device))
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(present, flag, one)
+        except RuntimeError:
+            # An expanded gradient (stride 0) cannot be written in place, or the gradients
+            # live on several devices: fall back to their max-norms, which cannot overflow.
+            norms = torch._foreach_norm(present, float("inf"))
+            flag = flag + torch.stack([n.to(flag.device, torch.float32) for n in norms]).amax()
+            return bool(torch.isfinite(flag))
+    return float(flag) == 0.0

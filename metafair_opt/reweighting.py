@@ -159,10 +159,12 @@ class SampleReweighter(MetaOptimizerBase):
         )
         # float64 models get a float64 table; low-precision ones keep float32 weights.
         dtype = torch.float64 if self._fmodel.params[0].dtype == torch.float64 else torch.float32
-        self._table = torch.zeros(self.num_samples, device=device, dtype=dtype)
-        self._ema = torch.full((self.num_samples,), float("nan"), device=device, dtype=dtype)
-        self._seen = torch.zeros(self.num_samples, dtype=torch.long, device=device)
-        self._adam: dict[str, Tensor] | None = None  # created on the first Adam update
+        # One row per example: (weight logit, moving average, times seen), so that a step reads
+        # and writes each batch row once. Counts are exact integers up to 2**24 in float32.
+        self._rows = torch.zeros(self.num_samples, 3, device=device, dtype=dtype)
+        self._rows[:, _EMA] = float("nan")
+        # Adam's per-row (exp_avg, exp_avg_sq, steps), created on the first Adam update.
+        self._adam: Tensor | None = None
         self.step_count = 0
         self.skipped_count = 0
 
@@ -187,10 +189,14 @@ class SampleReweighter(MetaOptimizerBase):
         return {
             "optimizer": self.optimizer.state_dict(),
             "config": self.config(),
-            "weights": self._table.clone(),
-            "ema": self._ema.clone(),
-            "seen": self._seen.clone(),
-            "adam": None if self._adam is None else {k: v.clone() for k, v in self._adam.items()},
+            "weights": self._rows[:, _WEIGHT].clone(),
+            "ema": self._rows[:, _EMA].clone(),
+            "seen": self._rows[:, _SEEN].long(),
+            "adam": None if self._adam is None else {
+                "exp_avg": self._adam[:, 0].clone(),
+                "exp_avg_sq": self._adam[:, 1].clone(),
+                "steps": self._adam[:, 2].long(),
+            },
             "step_count": self.step_count,
             "skipped_count": self.skipped_count,
         }
@@ -207,12 +213,11 @@ class SampleReweighter(MetaOptimizerBase):
             )
         self._warn_if_config_differs(state.get("config", {}))
         self.optimizer.load_state_dict(state["optimizer"])
-        device = self._table.device
-        self._table = state["weights"].detach().clone().to(device)
-        self._ema = state["ema"].detach().clone().to(device)
-        self._seen = state["seen"].detach().clone().to(device)
+        like = self._rows
+        self._rows = _packed(like, state["weights"], state["ema"], state["seen"])
         adam = state.get("adam")
-        self._adam = None if adam is None else {k: v.clone().to(device) for k, v in adam.items()}
+        self._adam = None if adam is None else _packed(
+            like, adam["exp_avg"], adam["exp_avg_sq"], adam["steps"])
         self.step_count = int(state["step_count"])
         self.skipped_count = int(state.get("skipped_count", 0))
 
@@ -220,7 +225,12 @@ class SampleReweighter(MetaOptimizerBase):
     @property
     def weights(self) -> Tensor:
         """A copy of the raw weight table (logits; softmax-normalised per batch when used)."""
-        return self._table.detach().clone()
+        return self._rows[:, _WEIGHT].clone()
+
+    @property
+    def _table(self) -> Tensor:
+        # The weight column, a view: writing into it changes the weights.
+        return self._rows[:, _WEIGHT]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per training example: index, weight, ema_weighted_loss, times_seen.
@@ -231,9 +241,9 @@ class SampleReweighter(MetaOptimizerBase):
         return pd.DataFrame(
             {
                 "index": torch.arange(self.num_samples).numpy(),
-                "weight": self._table.detach().cpu().numpy(),
-                "ema_weighted_loss": self._ema.detach().cpu().numpy(),
-                "times_seen": self._seen.cpu().numpy(),
+                "weight": self._rows[:, _WEIGHT].cpu().numpy(),
+                "ema_weighted_loss": self._rows[:, _EMA].cpu().numpy(),
+                "times_seen": self._rows[:, _SEEN].long().cpu().numpy(),
             }
         )
 
@@ -243,13 +253,13 @@ class SampleReweighter(MetaOptimizerBase):
         Only examples seen at least once are candidates (FORML section 4.5). Returned in order,
         lowest first.
         """
-        seen = torch.nonzero(self._seen > 0).flatten()
+        seen = torch.nonzero(self._rows[:, _SEEN] > 0).flatten()
         if not 0 <= n <= seen.numel():
             raise ValueError(
                 f"Cannot prune {n} examples: {seen.numel()} of {self.num_samples} have been seen "
                 "in training so far (n must lie in [0, seen])."
             )
-        order = torch.argsort(self._ema[seen], stable=True)
+        order = torch.argsort(self._rows[seen, _EMA], stable=True)
         return seen[order[:n]].cpu()
 
     def keep_indices(self, fraction: float) -> Tensor:
@@ -261,7 +271,7 @@ class SampleReweighter(MetaOptimizerBase):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1]; got {fraction}.")
         drop = self.prune(min(round((1.0 - fraction) * self.num_samples),
-                              int((self._seen > 0).sum())))
+                              int((self._rows[:, _SEEN] > 0).sum())))
         keep = torch.ones(self.num_samples, dtype=torch.bool)
         keep[drop] = False
         return torch.nonzero(keep).flatten()
@@ -312,8 +322,9 @@ class SampleReweighter(MetaOptimizerBase):
             inverse = None if coll.world_size == 1 else slice(coll.rank * n, (coll.rank + 1) * n)
         else:
             inverse = found[coll.rank * n:(coll.rank + 1) * n].to(losses.device)
-        adam_rows: dict[str, Tensor] | None = None
-        current = self._table[rows]
+        adam_rows: Tensor | None = None
+        block = self._rows[rows]  # the batch's (weight, moving average, count), read once
+        current = block[:, _WEIGHT]
         if meta_step:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
                 theta, losses, current, inverse, x_val, y_val, g_val
@@ -323,11 +334,12 @@ class SampleReweighter(MetaOptimizerBase):
             watched += [("validation loss", val_losses), ("meta-loss", meta),
                         ("meta-gradient of the batch's weights", row_grads)]
             new_rows, adam_rows = self._updated_rows(rows, current,
-                                                     row_grads.to(self._table.device))
+                                                     row_grads.to(self._rows.device))
         else:
             new_rows = current
         new_weights = coll.softmax(_take(new_rows.to(losses.device), inverse))
-        final_loss = (new_weights * losses).sum()
+        weighted_losses = new_weights * losses
+        final_loss = weighted_losses.sum()
         final_grads = torch.autograd.grad(self._scaled(final_loss), theta, allow_unused=True)
 
         # Everything was computed without side effects; the optimizer step comes first because
@@ -338,15 +350,13 @@ class SampleReweighter(MetaOptimizerBase):
             return ReweightResult(loss=float(final_loss.detach()), meta_loss=float("nan"),
                                   batch_weights=(new_weights.detach() * n_global).cpu(),
                                   skipped=True)
-        if meta_step:
-            self._table[rows] = new_rows
         if adam_rows is not None:
             self._store_adam_rows(rows, adam_rows)
-        ema_values = (new_weights * n_global * losses).detach()
+        ema_values = weighted_losses.detach() * n_global
         if coll.distributed:  # every rank keeps the whole batch's moving averages
-            self._update_ema(rows, all_inverse, coll.gather(ema_values))
-        else:
-            self._update_ema(rows, None if all_inverse is None else found, ema_values)
+            ema_values, found = coll.gather(ema_values), all_inverse
+        self._rows[rows] = self._next_rows(block, new_rows, ema_values,
+                                           None if all_inverse is None else found)
         self.step_count += 1
         group_losses: dict[int, float] = {}
         meta_value = float("nan")
@@ -458,7 +468,7 @@ class SampleReweighter(MetaOptimizerBase):
                 f"[0, {self.num_samples}). idx must hold dataset indices (IndexedDataset gives "
                 "them) and num_samples must equal len(train_dataset)."
             )
-        return idx.to(self._table.device)
+        return idx.to(self._rows.device)
 
     def _checked_validation(self, val: Any) -> tuple[Batch, Any, Tensor]:
         if not isinstance(val, (tuple, list)) or len(val) != 3:
@@ -484,7 +494,8 @@ class SampleReweighter(MetaOptimizerBase):
                 f"shape ({rows},); for the {what} it returned {shape}. A loss that reduces "
                 "over the batch cannot be reweighted."
             )
-        return losses.reshape(rows)
+        # A reshape only where needed: even a no-op view adds a node to the double backward.
+        return losses if losses.dim() == 1 else losses.reshape(rows)
 
     def _lookahead_lr(self) -> float:
         """``lookahead_lr``, or the optimizer's current learning rate when it is None."""
@@ -493,51 +504,55 @@ class SampleReweighter(MetaOptimizerBase):
 
     def _updated_rows(
         self, rows: Tensor, current: Tensor, grads: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """New table values for ``rows`` (now ``current``) and, for Adam, their new state;
-        nothing is stored."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """New table values for ``rows`` (now ``current``) and, for Adam, their new state
+        (columns exp_avg, exp_avg_sq, steps); nothing is stored."""
         if self.weight_optimizer == "sgd":
             return current - self.weight_lr * grads, None
         beta1, beta2 = self.adam_betas
         if self._adam is None:
-            steps = torch.ones_like(rows)
+            steps = torch.ones_like(grads)
             exp_avg = (1 - beta1) * grads
             exp_avg_sq = (1 - beta2) * grads * grads
         else:
-            steps = self._adam["steps"][rows] + 1
-            exp_avg = beta1 * self._adam["exp_avg"][rows] + (1 - beta1) * grads
-            exp_avg_sq = beta2 * self._adam["exp_avg_sq"][rows] + (1 - beta2) * grads * grads
-        corrected_avg = exp_avg / (1 - beta1 ** steps.to(grads.dtype))
-        corrected_sq = exp_avg_sq / (1 - beta2 ** steps.to(grads.dtype))
+            state = self._adam[rows]
+            steps = state[:, 2] + 1
+            exp_avg = torch.lerp(grads, state[:, 0], beta1)
+            exp_avg_sq = torch.lerp(grads * grads, state[:, 1], beta2)
+        corrected_avg = exp_avg / (1 - beta1 ** steps)
+        corrected_sq = exp_avg_sq / (1 - beta2 ** steps)
         new_rows = current - self.weight_lr * corrected_avg / (corrected_sq.sqrt() + self.adam_eps)
-        return new_rows, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "steps": steps}
+        return new_rows, torch.stack([exp_avg, exp_avg_sq, steps], dim=1)
 
-    def _store_adam_rows(self, rows: Tensor, values: dict[str, Tensor]) -> None:
+    def _store_adam_rows(self, rows: Tensor, values: Tensor) -> None:
         if self._adam is None:  # lazily created: rows never seen keep zero state
-            self._adam = {
-                "exp_avg": torch.zeros_like(self._table),
-                "exp_avg_sq": torch.zeros_like(self._table),
-                "steps": torch.zeros(self.num_samples, dtype=torch.long,
-                                     device=self._table.device),
-            }
-        for key, row_values in values.items():
-            self._adam[key][rows] = row_values.to(self._adam[key].dtype)
+            self._adam = torch.zeros_like(self._rows)
+        self._adam[rows] = values
 
-    def _update_ema(self, rows: Tensor, inverse: Tensor | None, values: Tensor) -> None:
-        """Blend each row's mean value into its moving average; ``inverse`` maps values to
-        ``rows`` (None: one value per row, in order)."""
-        values = values.to(self._table.device, self._ema.dtype)
+    def _next_rows(self, block: Tensor, weights: Tensor, values: Tensor,
+                   inverse: Tensor | None) -> Tensor:
+        """The batch rows' next (weight, moving average, count): ``block`` holds their current
+        ones, ``values`` the step's normalised weighted losses, mapped to the rows by
+        ``inverse`` (None: one value per row, in order; otherwise the mean of each row's)."""
+        values = values.to(block.device, block.dtype)
         if inverse is None:
-            row_values = values
-            counts: Tensor | int = 1
-        else:  # duplicates in the batch: the mean of each row's values
-            inverse = inverse.to(self._table.device)
-            counts = torch.bincount(inverse, minlength=rows.numel())
-            row_values = values.new_zeros(rows.numel()).index_add_(0, inverse, values) / counts
-        previous = self._ema[rows]
+            row_values, counts = values, 1.0
+        else:  # duplicates in the batch
+            inverse = inverse.to(block.device)
+            counts = torch.bincount(inverse, minlength=block.shape[0]).to(block.dtype)
+            row_values = values.new_zeros(block.shape[0]).index_add_(0, inverse, values) / counts
+        previous = block[:, _EMA]
         blended = torch.lerp(row_values, previous, self.ema_decay)  # NaN where never seen
-        self._ema[rows] = torch.where(torch.isnan(previous), row_values, blended)
-        self._seen[rows] += counts
+        ema = torch.where(torch.isnan(previous), row_values, blended)
+        return torch.stack([weights.to(block.dtype), ema, block[:, _SEEN] + counts], dim=1)
+
+
+_WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
+
+
+def _packed(like: Tensor, *columns: Tensor) -> Tensor:
+    """``columns`` (one value per example each) as one table of ``like``'s dtype and device."""
+    return torch.stack([c.detach().to(like.device, like.dtype) for c in columns], dim=1)
 
 
 def _take(values: Tensor, inverse: Tensor | slice | None) -> Tensor:
