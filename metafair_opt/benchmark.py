@@ -37,6 +37,7 @@ __all__ = [
     "WORKLOADS",
     "Workload",
     "check_agreement",
+    "machine_description",
     "make_step",
     "make_workload",
     "peak_live_mb",
@@ -376,6 +377,26 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
         for key, diff in agreement.items():
             records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})
     return records
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """Cores, CPU model, torch version and threads, GPU model on CUDA, and today's date."""
+    import datetime
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    if torch.device(device).type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return f"{text}; {datetime.date.today().isoformat()}"
 
 
 def _repeat(step: Callable[[], None], times: int) -> Callable[[], None]:

@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer repeats")
     bench.add_argument("--format", default="table", choices=["table", "json", "csv"])
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="also write results.csv and results.md (with the command, machine, "
+                            "date and the agreement checks) to this folder")
 
     datasets = sub.add_parser("datasets", help="list the data sets with group sizes and base rates")
     datasets.add_argument("--data-dir", default=None)
@@ -271,10 +274,10 @@ def _vision(args: argparse.Namespace, command: str) -> None:
     print(f"\nwrote {out / 'results.csv'} and results.md")
 
 
-def _bench(args: argparse.Namespace) -> None:
+def _bench(args: argparse.Namespace, command: str) -> None:
     import json
 
-    from metafair_opt.benchmark import WORKLOADS, run_suite
+    from metafair_opt.benchmark import WORKLOADS, machine_description, run_suite
     from metafair_opt.reporting import markdown_table
 
     if args.device == "cuda":
@@ -296,6 +299,17 @@ def _bench(args: argparse.Namespace) -> None:
     for check in checks:
         print(f"{check['workload']}: {check['check']}: max |grad difference| "
               f"{check['max_abs_grad_diff']:.3g}", file=sys.stderr)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(timings).to_csv(args.out / "results.csv", index=False)
+        agreement = pd.DataFrame(checks).rename(columns={"check": "implementations",
+                                                         "max_abs_grad_diff": "max |grad diff|"})
+        (args.out / "results.md").write_text(
+            f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
+            f"{markdown_table(pd.DataFrame(timings))}\n\n"
+            "Agreement before timing (one step at lr 0, max absolute difference of the "
+            f"gradients):\n\n{markdown_table(agreement)}\n")
+        print(f"wrote {args.out / 'results.csv'} and results.md", file=sys.stderr)
 
 
 def _datasets(args: argparse.Namespace) -> None:
@@ -333,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "vision":
             _vision(args, command)
         elif args.command == "bench":
-            _bench(args)
+            _bench(args, command)
         else:
             _datasets(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError) as error:

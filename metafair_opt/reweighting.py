@@ -25,12 +25,15 @@ seen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pandas as pd
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
 from metafair_opt._functional import (
@@ -46,6 +49,11 @@ from metafair_opt.splits import as_row_vector
 __all__ = ["ReweightResult", "SampleReweighter"]
 
 WeightOptimizer = Literal["adam", "sgd"]
+WeightGradMode = Literal["auto", "reverse", "forward"]
+
+#: ``weight_grad_mode="auto"`` takes the forward mode from this many trainable parameter
+#: elements on: below it the per-operation cost of a forward-mode pass outweighs what it saves.
+FORWARD_MODE_MIN_PARAMETERS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,18 @@ class SampleReweighter(MetaOptimizerBase):
             every rank's batch, so N ranks equal one process on the concatenated batches).
             Either way the weight table is the same on every rank after every step. See
             :mod:`metafair_opt.distributed`.
+        weight_grad_mode: how the meta-loss's gradient on the batch's weights is computed; the
+            result is the same up to rounding. ``"reverse"`` back-propagates through the
+            look-ahead (its gradient is built with ``create_graph=True``, then differentiated
+            again); ``"forward"`` takes the meta-loss's gradient ``v`` at the look-ahead
+            parameters and one forward-mode pass (``torch.autograd.forward_ad``) of the training
+            losses along ``v``, with no second-order graph: less memory, and faster on large
+            models, but slower on small ones where each operation's fixed cost dominates. The
+            model and loss must support forward-mode AD (every built-in layer does); random
+            draws such as dropout are replayed, so both modes see the same losses; under float16
+            autocast the forward-mode pass runs in float32 (forward mode has no loss scaling).
+            ``"auto"`` takes ``"forward"`` from ``FORWARD_MODE_MIN_PARAMETERS`` trainable
+            parameter elements on.
     """
 
     def __init__(
@@ -129,6 +149,7 @@ class SampleReweighter(MetaOptimizerBase):
         meta_every: int = 1,
         grad_scaler: torch.amp.GradScaler | None = None,
         sync: SyncMode = "outer",
+        weight_grad_mode: WeightGradMode = "auto",
     ) -> None:
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples}.")
@@ -138,7 +159,16 @@ class SampleReweighter(MetaOptimizerBase):
             raise ValueError(f"weight_lr must be non-negative; got {weight_lr}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}.")
+        if weight_grad_mode not in ("auto", "reverse", "forward"):
+            raise ValueError(
+                f"weight_grad_mode must be 'auto', 'reverse' or 'forward'; got "
+                f"{weight_grad_mode!r}."
+            )
         self._attach(model, optimizer, grad_scaler, sync)
+        self.weight_grad_mode: WeightGradMode = weight_grad_mode
+        size = sum(p.numel() for p in self._fmodel.params)
+        self._forward_mode = weight_grad_mode == "forward" or (
+            weight_grad_mode == "auto" and size >= FORWARD_MODE_MIN_PARAMETERS)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
         (self._meta_loss_fn, self._needs_groups, self.meta_loss_name,
@@ -170,7 +200,11 @@ class SampleReweighter(MetaOptimizerBase):
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
-        """The reweighter's configuration, as saved in :meth:`state_dict`."""
+        """The reweighter's configuration, as saved in :meth:`state_dict`.
+
+        ``weight_grad_mode`` is not part of it: both modes compute the same step, so a run
+        may resume under either.
+        """
         return {
             "num_samples": self.num_samples,
             "meta_loss": self.meta_loss_name,
@@ -307,6 +341,7 @@ class SampleReweighter(MetaOptimizerBase):
             idx_all = idx
         committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params
+        rng = (_rng_snapshot(theta[0].device) if meta_step and self._forward_mode else None)
         losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
         # rows: the table rows of the whole batch (every rank's under DDP); inverse: this
@@ -327,7 +362,7 @@ class SampleReweighter(MetaOptimizerBase):
         current = block[:, _WEIGHT]
         if meta_step:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
-                theta, losses, current, inverse, x_val, y_val, g_val
+                theta, losses, current, inverse, (x, y, rng), x_val, y_val, g_val
             )
             # Each rank's gradient on the rows of its own samples, summed over ranks.
             row_grads = coll.sum(row_grads)
@@ -372,22 +407,36 @@ class SampleReweighter(MetaOptimizerBase):
 
     def _meta_gradient(
         self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
-        inverse: Tensor | slice | None,
+        inverse: Tensor | slice | None, train: tuple[Batch, Any, Any],
         x_val: Batch, y_val: Any, g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
-        validation losses and the (group ids, group mean losses), all detached."""
+        validation losses and the (group ids, group mean losses), all detached.
+
+        ``train`` is the training batch ``(x, y, rng_state)``, replayed by the forward mode.
+        """
         fm, coll = self._fmodel, self._coll
-        logits = current.detach().to(losses.device).requires_grad_(True)
-        weighted = (coll.softmax(_take(logits, inverse)) * losses).sum()
-        # retain_graph (implied by create_graph) keeps the training forward for the final update.
-        grads = self._unscaled(torch.autograd.grad(self._scaled(weighted), theta,
-                                                   create_graph=True, materialize_grads=True))
+        forward = self._forward_mode
+        logits = current.detach().to(losses.device)
+        if not forward:
+            logits.requires_grad_(True)
+        weights = coll.softmax(_take(logits, inverse))
+        weighted = (weights * losses).sum()
+        # retain_graph keeps the training forward for the final update; only the reverse mode
+        # needs the graph of the gradient itself (create_graph).
+        grads = self._unscaled(torch.autograd.grad(
+            self._scaled(weighted), theta, create_graph=not forward, retain_graph=True,
+            materialize_grads=True))
         grads = coll.sum_differentiable(grads)  # sync="exact": the global batch's gradient
         # Differentiable SGD look-ahead (torchopt.sgd's update) as one fused op; reverse_lookahead
         # climbs instead (appendix 7.1).
         step = self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0)
-        theta_tilde = tuple(torch._foreach_add(theta, grads, alpha=step))
+        if forward:
+            with torch.no_grad():
+                theta_tilde = tuple(t.requires_grad_(True) for t in
+                                    torch._foreach_add(theta, grads, alpha=step))
+        else:
+            theta_tilde = tuple(torch._foreach_add(theta, grads, alpha=step))
 
         scratch = fm.clone_buffers() if fm.buffer_names else {}
         val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
@@ -410,13 +459,66 @@ class SampleReweighter(MetaOptimizerBase):
             raise ValueError("meta_loss must return a scalar (0-dim) tensor.")
         # Under sync="exact" every rank holds the same meta-loss and the gather's backward sums
         # the ranks' gradients: divide by the world size.
-        (row_grads,) = self._unscaled(torch.autograd.grad(
-            self._scaled(meta / coll.world_size if coll.exact else meta), logits,
-            retain_graph=True, allow_unused=True))
-        if row_grads is None:
-            row_grads = torch.zeros_like(logits)
+        target = self._scaled(meta / coll.world_size if coll.exact else meta)
+        if forward:
+            row_grads = self._forward_row_gradients(
+                target, theta, theta_tilde, weights.detach(), step, logits, inverse, scratch,
+                train)
+        else:
+            (row_grads,) = self._unscaled(torch.autograd.grad(
+                target, logits, retain_graph=True, allow_unused=True))
+            if row_grads is None:
+                row_grads = torch.zeros_like(logits)
         return (meta.detach(), row_grads.detach(), val_losses.detach(),
                 (ids, means.detach()))
+
+    def _forward_row_gradients(
+        self, target: Tensor, theta: tuple[Tensor, ...], theta_tilde: tuple[Tensor, ...],
+        weights: Tensor, step: float, logits: Tensor, inverse: Tensor | slice | None,
+        scratch: dict[str, Tensor], train: tuple[Batch, Any, Any],
+    ) -> Tensor:
+        """The meta-loss's gradient on the batch's rows without a second-order graph.
+
+        With ``v`` the meta-loss's gradient at the look-ahead parameters and
+        ``theta~ = theta + step * sum_j s_j grad l_j(theta)``, the meta-loss changes with the
+        normalised weight ``s_j`` at the rate ``step * <grad l_j(theta), v>``: the directional
+        derivatives of the training losses along ``v``, one forward-mode pass for the whole
+        batch. The softmax's backward maps them to the logits.
+        """
+        coll = self._coll
+        v = self._unscaled(torch.autograd.grad(target, theta_tilde, materialize_grads=True))
+        v = tuple(t.detach() for t in coll.sum_differentiable(v))  # exact: every rank's rows
+        x, y, rng = train
+        # Replay the training forward's random draws (dropout) so the derivatives are those of
+        # the very losses the step weights; the generators continue as if nothing ran here.
+        with _replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level():
+            duals = _make_duals(theta, v)
+            try:
+                output = self._fmodel(duals, scratch, x)
+                dual_losses = self._per_sample_losses(output, y, "training loss")
+            except (NotImplementedError, RuntimeError) as error:
+                if "forward" not in str(error) and "jvp" not in str(error):
+                    raise
+                raise ValueError(
+                    "weight_grad_mode='forward' needs forward-mode AD through the model and "
+                    f"loss_fn, and torch refused: {error} Build the SampleReweighter with "
+                    "weight_grad_mode='reverse' (the double backward), or give the custom "
+                    "autograd.Function a jvp."
+                ) from error
+            tangent = fwad.unpack_dual(dual_losses).tangent
+        rates = (torch.zeros_like(weights) if tangent is None
+                 else tangent.detach().to(weights.dtype) * step)
+        weighted_rate = (weights * rates).sum()
+        if coll.exact:  # the softmax normalises over every rank's rows
+            weighted_rate = coll.sum(weighted_rate)
+        local = weights * (rates - weighted_rate)  # softmax backward
+        if inverse is None:
+            return local.to(logits.dtype)
+        row_grads = torch.zeros_like(logits)
+        if isinstance(inverse, slice):
+            row_grads[inverse] = local.to(logits.dtype)
+            return row_grads
+        return row_grads.index_add_(0, inverse, local.to(logits.dtype))
 
     # ------------------------------------------------------------------------- internals
     def _check_shards(self, n: int, val: tuple[Batch, Any, Tensor] | None) -> int:
@@ -553,6 +655,63 @@ _WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
 def _packed(like: Tensor, *columns: Tensor) -> Tensor:
     """``columns`` (one value per example each) as one table of ``like``'s dtype and device."""
     return torch.stack([c.detach().to(like.device, like.dtype) for c in columns], dim=1)
+
+
+_forward_ad_loaded = False
+
+
+def _make_duals(primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Dual tensors of ``primals`` (detached) along ``tangents``, inside a ``dual_level``."""
+    global _forward_ad_loaded
+    if not _forward_ad_loaded:
+        # The first make_dual loads torch's forward-AD decompositions, which warns that
+        # torch.jit.script is deprecated: torch's own business, not the user's.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*",
+                                    category=FutureWarning)
+            duals = tuple(fwad.make_dual(p.detach(), t) for p, t in zip(primals, tangents))
+        _forward_ad_loaded = True
+        return duals
+    return tuple(fwad.make_dual(p.detach(), t) for p, t in zip(primals, tangents))
+
+
+@contextmanager
+def _without_float16_autocast(device: torch.device) -> Iterator[None]:
+    """Disable float16 autocast for the block (bfloat16 and float32 pass through).
+
+    Forward-mode AD has no loss scaling: in float16 the tangents of steep spots (BatchNorm's
+    inverse standard deviation over a nearly constant channel) overflow where the primal
+    kernels, which accumulate in float32, do not.
+    """
+    if (torch.is_autocast_enabled(device.type)
+            and torch.get_autocast_dtype(device.type) == torch.float16):
+        with torch.autocast(device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+RngSnapshot = tuple[torch.device, Tensor, Tensor | None]
+
+
+def _rng_snapshot(device: torch.device) -> RngSnapshot:
+    """The CPU generator's state and, for an accelerator, ``device``'s."""
+    accelerator = None if device.type == "cpu" else getattr(torch, device.type).get_rng_state(
+        device)
+    return device, torch.get_rng_state(), accelerator
+
+
+@contextmanager
+def _replaying(snapshot: RngSnapshot) -> Iterator[None]:
+    """Run the block with the generators at ``snapshot``; restore their states afterwards."""
+    device, cpu, accelerator = snapshot
+    devices = [] if accelerator is None else [device]
+    with torch.random.fork_rng(devices=devices, device_type=device.type
+                               if accelerator is not None else "cuda"):
+        torch.set_rng_state(cpu)
+        if accelerator is not None:
+            getattr(torch, device.type).set_rng_state(accelerator, device)
+        yield
 
 
 def _take(values: Tensor, inverse: Tensor | slice | None) -> Tensor:

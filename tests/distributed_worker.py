@@ -55,13 +55,14 @@ class TwoHeads(nn.Module):
         return self.a(hidden) if bool(x[0, 0] > 0) else self.b(hidden)
 
 
-def make_wrapper(kind: str, model: nn.Module, optimizer, sync: str = "outer"):
+def make_wrapper(kind: str, model: nn.Module, optimizer, sync: str = "outer",
+                 weight_grad_mode: str = "auto"):
     if kind == "alignment":
         return GradientAlignmentWrapper(model, optimizer, F.cross_entropy, inner_lr=0.3,
                                         inner_steps=2, sync=sync)
     return SampleReweighter(model, optimizer, num_samples=NUM_SAMPLES, loss_fn=F.cross_entropy,
                             meta_loss="max_loss_discrepancy", weight_lr=0.2,
-                            lookahead_lr=0.5, sync=sync)
+                            lookahead_lr=0.5, sync=sync, weight_grad_mode=weight_grad_mode)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -91,7 +92,8 @@ def main() -> None:
             base = make_model()
         model = nn.parallel.DistributedDataParallel(base)
         optimizer = make_optimizer(model.module)
-        wrapper = make_wrapper(kind, model, optimizer, sync)
+        mode = "forward" if "forward" in scenario.split("-") else "auto"
+        wrapper = make_wrapper(kind, model, optimizer, sync, mode)
         record: dict = {}
         if scenario.endswith("unused"):
             for step in range(STEPS):

@@ -64,11 +64,15 @@ def single_process(kind: str, steps: int = worker.STEPS):
     return model, wrapper
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
 def test_exact_sync_on_two_ranks_equals_one_process_on_the_concatenated_batches(
     kind: str, tmp_path: Path
 ) -> None:
-    ranks = launch(f"{kind}-exact", tmp_path)
+    """reweighter-forward: the forward-mode weight gradient on two ranks against the one-process
+    reverse mode."""
+    scenario = kind.replace("-", "-exact-") if "-" in kind else f"{kind}-exact"
+    kind = kind.split("-")[0]
+    ranks = launch(scenario, tmp_path)
     model, wrapper = single_process(kind)
     for record in ranks:
         for got, want in zip(record["params"], model.parameters()):
@@ -134,12 +138,13 @@ def test_outer_sync_equals_the_average_of_independent_shard_meta_gradients(
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
 def test_outer_sync_reweighter_keeps_one_table_and_averages_shard_gradients(
-    tmp_path: Path
+    mode: str, tmp_path: Path
 ) -> None:
     """Row gradients of every rank summed, final gradients averaged: checked one step at a
-    time against shards computed independently in this process."""
-    ranks = launch("reweighter-outer", tmp_path)
+    time against shards computed independently in this process (reverse mode there)."""
+    ranks = launch("reweighter-outer" + ("-forward" if mode == "forward" else ""), tmp_path)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     for record in ranks:  # each rank's softmax is over its own 8 rows: uniform is 1 per row
         torch.testing.assert_close(record["batch_weights"].mean(),

@@ -38,7 +38,8 @@ def make_wrapper(kind: str, model: nn.Module, optimizer, scaler=None):
                                         grad_scaler=scaler)
     return SampleReweighter(model, optimizer, num_samples=N, loss_fn=F.cross_entropy,
                             meta_loss="max_loss_discrepancy", weight_lr=0.1,
-                            grad_scaler=scaler)
+                            grad_scaler=scaler,
+                            weight_grad_mode="forward" if kind.endswith("forward") else "reverse")
 
 
 def run_step(kind: str, wrapper, x, y, groups, idx=None):
@@ -48,7 +49,7 @@ def run_step(kind: str, wrapper, x, y, groups, idx=None):
     return wrapper.step(x, y, idx, val=(x, y, groups))
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
 def test_scaled_steps_equal_unscaled_steps_in_float64(kind: str) -> None:
     x, y, groups = make_data(torch.float64)
     finals = {}
@@ -64,15 +65,15 @@ def test_scaled_steps_equal_unscaled_steps_in_float64(kind: str) -> None:
         if scaled:  # grad_scaler.update() ran after each step: the scale grew every time
             assert scaler.get_scale() == 2.0**15
         finals[scaled] = ([p.detach().clone() for p in model.parameters()],
-                          wrapper.weights.clone() if kind == "reweighter" else None)
+                          wrapper.weights.clone() if kind.startswith("reweighter") else None)
     for a, b in zip(finals[False][0], finals[True][0]):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
-    if kind == "reweighter":
+    if kind.startswith("reweighter"):
         assert not torch.equal(finals[True][1], torch.zeros(N, dtype=finals[True][1].dtype))
         torch.testing.assert_close(finals[False][1], finals[True][1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
 def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> None:
     x, y, groups = make_data()
     model = make_model()
@@ -96,7 +97,7 @@ def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> N
     after_state = wrapper.state_dict()
     assert after_state["step_count"] == before_state["step_count"]
     assert after_state["optimizer"] == before_state["optimizer"]  # no momentum buffers yet
-    if kind == "reweighter":
+    if kind.startswith("reweighter"):
         assert torch.equal(after_state["weights"], before_state["weights"])
         assert torch.equal(after_state["seen"], before_state["seen"])
     assert all(p.grad is None for p in model.parameters())
@@ -114,7 +115,7 @@ def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> N
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
 def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -> None:
     x, y, groups = make_data()
     x[3, 0] = float("nan")
@@ -130,7 +131,7 @@ def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
 def test_float16_meta_gradients_stay_close_to_float32(kind: str) -> None:
     """Measured: relative error about 1e-3 (float16 keeps 11 bits of mantissa)."""
     x, y, groups = make_data()
@@ -140,7 +141,7 @@ def test_float16_meta_gradients_stay_close_to_float32(kind: str) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # p.grad is left as applied
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp else None
         wrapper = make_wrapper(kind, model, optimizer, scaler)
-        if kind == "reweighter":  # uneven weights, so the meta-gradient shapes the update
+        if kind.startswith("reweighter"):  # uneven weights, so the meta-gradient shapes the update
             wrapper.load_state_dict({**wrapper.state_dict(),
                                      "weights": torch.linspace(-1.0, 1.0, N)})
         with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
@@ -173,3 +174,4 @@ def test_an_overflow_restarts_the_growth_count_as_gradscaler_does() -> None:
             result = run_step("alignment", wrapper, inputs, y, None)
         scales.append((result.skipped, scaler.get_scale()))
     assert scales == [(False, 2.0**16), (True, 2.0**15), (False, 2.0**15)]
+

@@ -137,10 +137,11 @@ def test_meta_every_updates_weights_on_every_kth_step_only() -> None:
 
 
 # ---------------------------------------------------------------------------- bad input
-def trained(seed: int = 6):
+def trained(seed: int = 6, mode: str = "reverse"):
     model = bn_model(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    rw = SampleReweighter(model, opt, num_samples=100, loss_fn=F.cross_entropy, weight_lr=0.1)
+    rw = SampleReweighter(model, opt, num_samples=100, loss_fn=F.cross_entropy, weight_lr=0.1,
+                          weight_grad_mode=mode)
     for step in range(2):
         x, y, xv, yv, gv = data(seed=step)
         rw.zero_grad()
@@ -197,18 +198,67 @@ def test_validation_batch_with_one_group_points_to_the_balanced_sampler() -> Non
     assert_same_state(before, snapshot(model, opt, rw))
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
 @pytest.mark.parametrize(("where", "message"), [
     ("train", "The training loss is a non-finite value"),
     ("val", "The validation loss is a non-finite value"),
 ])
-def test_non_finite_loss_raises_and_changes_nothing(where: str, message: str) -> None:
-    model, opt, rw = trained()
+def test_non_finite_loss_raises_and_changes_nothing(where: str, message: str, mode: str) -> None:
+    model, opt, rw = trained(mode=mode)
     x, y, xv, yv, gv = data(seed=9)
     (x if where == "train" else xv)[3, 1] = float("nan")
     before = snapshot(model, opt, rw)
     with pytest.raises(FloatingPointError, match=re.escape(message)):
         rw.step(x, y, torch.arange(16), val=(xv, yv, gv))
     assert_same_state(before, snapshot(model, opt, rw))
+
+
+class SquareWithoutJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class NoJvpNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return SquareWithoutJvp.apply(self.linear(x))
+
+
+def test_forward_mode_without_forward_ad_points_to_reverse_mode() -> None:
+    torch.manual_seed(0)
+    model = NoJvpNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = SampleReweighter(model, opt, num_samples=16, loss_fn=F.cross_entropy,
+                          weight_grad_mode="forward")
+    x, y, xv, yv, gv = data(seed=9)
+    before = snapshot(model, opt, rw)
+    with pytest.raises(ValueError, match=re.escape(
+        "weight_grad_mode='forward' needs forward-mode AD through the model and loss_fn, and "
+        "torch refused: You must implement the jvp function")) as caught:
+        rw.step(x, y, torch.arange(16), val=(xv, yv, gv))
+    assert "weight_grad_mode='reverse'" in str(caught.value)
+    assert_same_state(before, snapshot(model, opt, rw))
+    reverse = SampleReweighter(model, opt, num_samples=16, loss_fn=F.cross_entropy,
+                               weight_grad_mode="reverse")
+    assert reverse.step(x, y, torch.arange(16), val=(xv, yv, gv)).meta_loss > 0
+
+
+def test_unknown_weight_grad_mode_is_rejected() -> None:
+    model = bn_model()
+    with pytest.raises(ValueError, match="weight_grad_mode must be 'auto', 'reverse' or "
+                                         "'forward'; got 'backward'"):
+        SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=4,
+                         loss_fn=F.cross_entropy, weight_grad_mode="backward")
 
 
 # ---------------------------------------------------------------------------- checkpoints

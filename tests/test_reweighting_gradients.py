@@ -1,7 +1,8 @@
 """SampleReweighter's meta-gradient and model update against independent computations (float64).
 
 The weight gradient is read from the table: with ``weight_optimizer="sgd"`` and
-``weight_lr=1`` a step moves each row by exactly minus its gradient.
+``weight_lr=1`` a step moves each row by exactly minus its gradient. Both ways of computing it
+(``weight_grad_mode="reverse"``, double backward; ``"forward"``, forward-mode AD) are checked.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ def meta_objective(params0, logits, idx_inverse, batch, lookahead_lr, meta_loss)
     return meta_loss(F.cross_entropy(plain_mlp(adapted, xv), yv, reduction="none"), gv)
 
 
-def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=None) -> Tensor:
+MODES = pytest.mark.parametrize("mode", ["reverse", "forward"])
+
+
+def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=None,
+                            mode: str = "reverse") -> Tensor:
     x, y, xv, yv, gv = batch
     rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=20,
                           loss_fn=F.cross_entropy, meta_loss=meta_loss, weight_lr=1.0,
-                          weight_optimizer="sgd", lookahead_lr=lookahead_lr)
+                          weight_optimizer="sgd", lookahead_lr=lookahead_lr,
+                          weight_grad_mode=mode)
     if table is not None:
         rw._table.copy_(table)
     before = rw.weights
@@ -59,9 +65,10 @@ def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=No
     return before[rows] - rw.weights[rows]
 
 
+@MODES
 @pytest.mark.parametrize("meta_loss", [mean_loss_discrepancy, max_loss_discrepancy])
 @pytest.mark.parametrize("duplicates", [False, True])
-def test_weight_gradient_matches_finite_differences(meta_loss, duplicates: bool) -> None:
+def test_weight_gradient_matches_finite_differences(meta_loss, duplicates: bool, mode) -> None:
     batch = data(seed=1)
     idx = torch.tensor([3, 7, 7, 0, 12, 5, 3, 19]) if duplicates else torch.arange(2, 10)
     rows, inverse = torch.unique(idx, return_inverse=True)
@@ -78,12 +85,13 @@ def test_weight_gradient_matches_finite_differences(meta_loss, duplicates: bool)
             meta = meta_objective(params0, logits, inverse, batch, 0.7, meta_loss)
             values.append(float(meta.detach()))
         numeric[k] = (values[0] - values[1]) / (2 * eps)
-    got = reweighter_row_gradient(model, batch, idx, 0.7, meta_loss, table=table)
+    got = reweighter_row_gradient(model, batch, idx, 0.7, meta_loss, table=table, mode=mode)
     assert rel_error(got, numeric) < 1e-4
 
 
+@MODES
 @pytest.mark.parametrize("meta_loss", [mean_loss_discrepancy, max_loss_discrepancy])
-def test_weight_gradient_matches_higher(meta_loss) -> None:
+def test_weight_gradient_matches_higher(meta_loss, mode) -> None:
     x, y, xv, yv, gv = batch = data(seed=3)
     idx = torch.arange(4, 12)
     lr = 0.6
@@ -95,12 +103,13 @@ def test_weight_gradient_matches_higher(meta_loss) -> None:
         diffopt.step((weights * F.cross_entropy(fmodel(x), y, reduction="none")).sum())
         meta = meta_loss(F.cross_entropy(fmodel(xv), yv, reduction="none"), gv)
         (expected,) = torch.autograd.grad(meta, logits)
-    got = reweighter_row_gradient(tiny_model(seed=4), batch, idx, lr, meta_loss)
+    got = reweighter_row_gradient(tiny_model(seed=4), batch, idx, lr, meta_loss, mode=mode)
     assert rel_error(got, expected) < 1e-6
     assert expected.abs().max() > 1e-4  # the check is not trivially zero == zero
 
 
-def test_model_update_matches_hand_computation() -> None:
+@MODES
+def test_model_update_matches_hand_computation(mode) -> None:
     x, y, xv, yv, gv = batch = data(seed=5)
     idx = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
     rows, inverse = torch.unique(idx, return_inverse=True)
@@ -120,7 +129,8 @@ def test_model_update_matches_hand_computation() -> None:
 
     rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=model_lr),
                           num_samples=20, loss_fn=F.cross_entropy, weight_lr=weight_lr,
-                          weight_optimizer="sgd", lookahead_lr=lookahead_lr)
+                          weight_optimizer="sgd", lookahead_lr=lookahead_lr,
+                          weight_grad_mode=mode)
     rw._table.copy_(table)
     result = rw.step(x, y, idx, val=(xv, yv, gv))
     for got, want in zip(model.parameters(), expected):
@@ -171,3 +181,57 @@ def test_adam_weight_update_matches_hand_written_lazy_adam() -> None:
         rw.step(x, y, idx, val=(xv, yv, gv))
     assert torch.allclose(rw.weights, table, atol=1e-10)
     assert rw.weights[12:].abs().max() == 0  # rows never seen are untouched
+
+
+class NormDropoutNet(nn.Module):
+    """BatchNorm in train mode and dropout: buffers that move and random draws in the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("weight_optimizer", ["sgd", "adam"])
+def test_forward_and_reverse_modes_agree_with_batchnorm_dropout_and_repeats(
+    weight_optimizer: str,
+) -> None:
+    """Three steps, repeated rows, reverse look-ahead: the same weights, moving averages,
+    parameters, running statistics and random stream afterwards, to rounding."""
+    x, y, xv, yv, gv = data(seed=11, n=8, n_val=10)
+    idx = torch.tensor([3, 7, 7, 0, 12, 5, 3, 19])
+    outcomes = {}
+    for mode in ("reverse", "forward"):
+        torch.manual_seed(12)
+        model = NormDropoutNet().double().train()
+        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              num_samples=20, loss_fn=F.cross_entropy,
+                              weight_optimizer=weight_optimizer, weight_lr=0.5,
+                              lookahead_lr=0.4, reverse_lookahead=True, weight_grad_mode=mode)
+        for _ in range(3):
+            rw.zero_grad()
+            rw.step(x, y, idx, val=(xv, yv, gv))
+        outcomes[mode] = (rw.to_frame(), [t.detach().clone() for t in model.state_dict().values()],
+                          torch.rand(3))
+    (f_rev, s_rev, r_rev), (f_fwd, s_fwd, r_fwd) = outcomes["reverse"], outcomes["forward"]
+    assert (f_rev["weight"] != 0).sum() == 6  # the rows moved, so the comparison means something
+    assert float((f_rev["weight"] - f_fwd["weight"]).abs().max()) < 1e-12
+    assert float((f_rev["ema_weighted_loss"] - f_fwd["ema_weighted_loss"]).abs().max()) < 1e-12
+    assert (f_rev["times_seen"] == f_fwd["times_seen"]).all()
+    for a, b in zip(s_rev, s_fwd):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert torch.equal(r_rev, r_fwd)  # the replayed draws leave the generator where it was
+
+
+def test_auto_mode_picks_forward_for_large_models_only() -> None:
+    small = tiny_model(seed=13)
+    rw = SampleReweighter(small, torch.optim.SGD(small.parameters(), lr=0.1), num_samples=4,
+                          loss_fn=F.cross_entropy)
+    assert not rw._forward_mode
+    large = nn.Linear(1000, 1000)  # 1,001,000 parameter elements
+    rw = SampleReweighter(large, torch.optim.SGD(large.parameters(), lr=0.1), num_samples=4,
+                          loss_fn=F.cross_entropy)
+    assert rw._forward_mode

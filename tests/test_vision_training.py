@@ -196,8 +196,19 @@ def test_amp_dtype_is_float16_on_cuda_and_bfloat16_on_cpu_by_default() -> None:
 
 @pytest.mark.parametrize("method", ["baseline", "forml", "faalgrad"])
 def test_vision_run_with_float16_and_a_grad_scaler(method: str, tmp_path) -> None:
-    """The CUDA recipe (float16 autocast, GradScaler) run on the CPU, checkpoint included."""
+    """The CUDA recipe (float16 autocast, GradScaler) run on the CPU, checkpoint included.
+
+    For FORML this is also the float16 test of the forward-mode weight gradient (ResNet-18 is
+    above the "auto" threshold): run in float16, BatchNorm's tangents overflowed on these
+    images and every step was skipped; it must run in float32.
+    """
+    from metafair_opt.integrations.vision.models import build_resnet18
     from metafair_opt.integrations.vision.training import train_vision
+
+    from metafair_opt.reweighting import FORWARD_MODE_MIN_PARAMETERS
+
+    resnet = build_resnet18(2, small_input=True)
+    assert sum(p.numel() for p in resnet.parameters()) >= FORWARD_MODE_MIN_PARAMETERS
 
     cfg = tiny_config(method=method, amp=True, amp_dtype="float16", checkpoint=str(tmp_path),
                       max_steps_per_epoch=8)
