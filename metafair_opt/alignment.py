@@ -290,7 +290,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             if i == 0 and self.track_alignment:
                 grad_s0 = tuple(g.detach() for g in grads)
             grads = self._coll.sum_differentiable(grads)
-            params, state = self._inner_update(grads, state, params)
+            if self.first_order:
+                # Nothing to differentiate through: the adapted parameters are fresh leaves,
+                # and the query gradient at them is the meta-gradient.
+                with torch.no_grad():
+                    params, state = self._inner_update(grads, state, params)
+                params = tuple(p.requires_grad_(True) for p in params)
+            else:
+                params, state = self._inner_update(grads, state, params)
 
         alignment = None
         if self.track_alignment:
@@ -298,7 +305,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
 
         query_loss = self._loss(fm(params, committed, x_q), y_q, "query loss")
         watched.append(("query loss", query_loss))
-        meta_grads = torch.autograd.grad(self._scaled(query_loss * shares[1]), theta0,
+        meta_grads = torch.autograd.grad(self._scaled(query_loss * shares[1]),
+                                         params if self.first_order else theta0,
                                          allow_unused=True)
         return meta_grads, committed, watched, alignment
 
