@@ -199,6 +199,13 @@ def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor) -> Calla
 def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
               lr: float = 1e-3) -> tuple[Callable[[], None], nn.Module]:
     """A zero-argument training step of ``variant`` on ``w`` and the model it trains."""
+    step, model, _ = _build(variant, w, device, lr)
+    return step, model
+
+
+def _build(variant: str, w: Workload, device: torch.device | str, lr: float
+           ) -> tuple[Callable[[], None], nn.Module, Callable[[], Tensor] | None]:
+    """``make_step``'s step and model, and for the reweighters a reader of the weight table."""
     device = torch.device(device)
     model = w.model(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -211,7 +218,7 @@ def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
             optimizer.zero_grad()
             w.loss(model(w.x), w.y).backward()
             optimizer.step()
-        return plain, model
+        return plain, model, None
     if variant.startswith("alignment"):
         aligner = GradientAlignmentWrapper(
             model, optimizer, loss_fn=w.loss, inner_lr=INNER_LR,
@@ -222,7 +229,7 @@ def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
         def align() -> None:
             aligner.zero_grad()
             aligner.step(support=(xs, ys), query=(xq, yq))
-        return align, model
+        return align, model, None
     if variant.startswith("reweighter"):
         every = 5 if variant == "reweighter_every_5" else 1
         rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
@@ -232,7 +239,7 @@ def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
         def reweight() -> None:
             rw.zero_grad()
             rw.step(w.x, w.y, idx, val=val)
-        return reweight, model
+        return reweight, model, lambda: rw.weights
     table = torch.zeros(n, device=device)
     peers = {
         "higher_alignment": lambda: _higher_alignment(model, optimizer, w),
@@ -242,27 +249,39 @@ def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
     }
     if variant not in peers:
         raise ValueError(f"Unknown variant {variant!r}; choose from {list(VARIANTS)}.")
-    return peers[variant](), model
+    weights = (lambda: table.clone()) if variant.endswith("reweighter") else None
+    return peers[variant](), model, weights
 
 
 def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Max absolute gradient difference between our step and each peer (one step, lr=0).
+    """How far each peer's step is from ours (one step, model lr=0).
 
-    Returns ``{"alignment vs higher": ..., ...}``; a large value is a bug in a benchmark peer.
+    Returns ``{"alignment vs higher_alignment": ..., ...}``: the max absolute difference of the
+    model gradients and, for the reweighters, ``"... (weight update)"``: the max difference of
+    the weight tables' change relative to its largest entry (the model gradient hardly depends
+    on a weight step of this size, the weight update is the meta-gradient itself). A large
+    value is a bug in a benchmark peer.
     """
-    def grads(variant: str) -> list[Tensor]:
-        step, model = make_step(variant, w, device, lr=0.0)
+    def outcome(variant: str) -> tuple[list[Tensor], Tensor | None]:
+        step, model, weights = _build(variant, w, device, lr=0.0)
         step()
-        return [p.grad.detach().clone() for p in model.parameters()]
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        return grads, None if weights is None else weights()
 
     report = {}
     for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment")),
                         ("reweighter", ("higher_reweighter", "torchfunc_reweighter"))):
-        reference = grads(ours)
+        reference, reference_weights = outcome(ours)
         for peer in peers:
-            other = grads(peer)
+            other, other_weights = outcome(peer)
             report[f"{ours} vs {peer}"] = max(float((a - b).abs().max())
                                               for a, b in zip(reference, other))
+            if reference_weights is not None and other_weights is not None:
+                change = float(reference_weights.abs().max())  # the table starts at zero
+                gap = float((reference_weights - other_weights.to(reference_weights)).abs().max())
+                # NaN when our table did not move: nothing would have been compared.
+                report[f"{ours} vs {peer} (weight update)"] = (gap / change if change > 0
+                                                               else float("nan"))
     return report
 
 

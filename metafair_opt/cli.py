@@ -307,8 +307,10 @@ def _bench(args: argparse.Namespace, command: str) -> None:
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
-            "Agreement before timing (one step at lr 0, max absolute difference of the "
-            f"gradients):\n\n{markdown_table(agreement)}\n")
+            "Agreement before timing (one step at model lr 0): the max absolute difference "
+            "of the model gradients; for \"(weight update)\", the max difference of the weight "
+            "tables' change relative to its largest entry:\n\n"
+            f"{markdown_table(agreement)}\n")
         print(f"wrote {args.out / 'results.csv'} and results.md", file=sys.stderr)
 
 

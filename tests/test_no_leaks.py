@@ -29,3 +29,24 @@ def test_no_tensor_growth_over_many_steps(variant: str) -> None:
     for _ in range(190):
         step()
     assert live_tensor_count() == after_10
+
+
+def test_no_tensor_growth_with_the_forward_mode_weight_gradient() -> None:
+    from metafair_opt import SampleReweighter
+
+    w = make_workload("mlp")
+    model = w.model(torch.device("cpu"))
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=1e-3), num_samples=256,
+                          loss_fn=w.loss, weight_grad_mode="forward")
+    idx = torch.arange(256)
+
+    def step() -> None:
+        rw.zero_grad()
+        rw.step(w.x, w.y, idx, val=(w.x_val, w.y_val, w.g_val))
+
+    for _ in range(10):
+        step()
+    after_10 = live_tensor_count()
+    for _ in range(190):
+        step()
+    assert live_tensor_count() == after_10

@@ -1,0 +1,42 @@
+"""The benchmark harness: peers agree with our steps, and `metafair-opt bench` prints and writes
+the records the benchmarks issue specifies (W1 only, --quick; timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from metafair_opt.benchmark import VARIANTS, check_agreement, make_workload
+from metafair_opt.cli import main
+
+
+def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
+    report = check_agreement(make_workload("mlp"))
+    assert set(report) == {
+        "alignment vs higher_alignment", "alignment vs torchfunc_alignment",
+        "reweighter vs higher_reweighter", "reweighter vs torchfunc_reweighter",
+        "reweighter vs higher_reweighter (weight update)",
+        "reweighter vs torchfunc_reweighter (weight update)",
+    }
+    for key, value in report.items():
+        assert not math.isnan(value), key  # NaN: our weight table did not move
+        assert value < 1e-5, (key, value)
+
+
+def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> None:
+    assert main(["bench", "--workload", "mlp", "--quick", "--format", "json",
+                 "--out", str(tmp_path)]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in records] == list(VARIANTS)
+    for record in records:
+        assert set(record) == {"workload", "variant", "median_ms", "ratio_to_plain",
+                               "peak_live_mb"}
+        assert record["workload"] == "mlp" and record["median_ms"] > 0
+        assert record["peak_live_mb"] >= 0
+    assert records[0]["ratio_to_plain"] == 1
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.startswith("Command: `metafair-opt bench --workload mlp --quick")
+    assert "CPU cores" in markdown and "torch " in markdown
+    assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
+        "workload,variant,median_ms,ratio_to_plain,peak_live_mb")
