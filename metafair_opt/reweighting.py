@@ -334,7 +334,7 @@ class SampleReweighter(MetaOptimizerBase):
         coll = self._coll
         n_global = n  # the rows one softmax normalises over: every rank's under sync="exact"
         if coll.distributed:  # checked on every rank alike, before any other collective
-            total = self._check_shards(n, (x_val, y_val, g_val) if meta_step else None)
+            total = self._check_shards(n, (x_val, y_val, g_val) if meta_step else None, idx)
             n_global = total if coll.exact else n
             idx_all = coll.gather(idx.to(fm.params[0].device)).to(idx.device)
         else:
@@ -521,16 +521,29 @@ class SampleReweighter(MetaOptimizerBase):
         return row_grads.index_add_(0, inverse, local.to(logits.dtype))
 
     # ------------------------------------------------------------------------- internals
-    def _check_shards(self, n: int, val: tuple[Batch, Any, Tensor] | None) -> int:
-        """Under DDP: the same batch size on every rank (and validation batch size under
-        ``sync="exact"``), and two groups in every rank's validation batch where the meta-loss
-        compares groups (``sync="outer"``). Returns the global batch size."""
+    def _check_shards(self, n: int, val: tuple[Batch, Any, Tensor] | None,
+                      idx: Tensor) -> int:
+        """Under DDP: table indices in range on every rank, the same batch size on every rank
+        (and validation batch size under ``sync="exact"``), and two groups in every rank's
+        validation batch where the meta-loss compares groups (``sync="outer"``). One gather
+        carries every rank's facts, so all ranks raise together. Returns the global batch size."""
         coll = self._coll
         n_val = groups = 0
         if val is not None:
             n_val = int(val[2].numel())
             groups = int(torch.unique(val[2]).numel())
-        counts = coll.gather_counts([n, n_val, groups], self._fmodel.params[0].device).tolist()
+        in_range = self._in_range(idx)
+        counts = coll.gather_counts([n, n_val, groups, int(in_range)],
+                                    self._fmodel.params[0].device).tolist()
+        outside = [rank for rank, c in enumerate(counts) if not c[3]]
+        if not in_range:
+            self._raise_out_of_range(idx)
+        if outside:
+            raise IndexError(
+                f"Sample indices on rank(s) {outside} are outside the weight table's range "
+                f"[0, {self.num_samples}) (this rank's are inside). Nothing was updated on any "
+                "rank; that rank's error names the index."
+            )
         sizes = [c[0] for c in counts]
         if len(set(sizes)) > 1:
             raise ValueError(
@@ -556,21 +569,29 @@ class SampleReweighter(MetaOptimizerBase):
         return sum(sizes)
 
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:
+        """``idx`` as int64 row indices on the table's device. The range is checked here in
+        one process; under DDP by :meth:`_check_shards`, so that every rank raises."""
         idx = torch.as_tensor(idx)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer dataset indices; got dtype {idx.dtype}.")
         idx = as_row_vector(idx, "idx").long()
         if idx.numel() != rows:
             raise ValueError(f"idx has {idx.numel()} entries but the batch has {rows} rows.")
-        low, high = torch.aminmax(idx)
-        if int(low) < 0 or int(high) >= self.num_samples:
-            outside = (idx < 0) | (idx >= self.num_samples)
-            raise IndexError(
-                f"Sample index {int(idx[outside][0])} is outside the weight table's range "
-                f"[0, {self.num_samples}). idx must hold dataset indices (IndexedDataset gives "
-                "them) and num_samples must equal len(train_dataset)."
-            )
+        if not self._coll.distributed and not self._in_range(idx):
+            self._raise_out_of_range(idx)
         return idx.to(self._rows.device)
+
+    def _in_range(self, idx: Tensor) -> bool:
+        low, high = torch.aminmax(idx)
+        return int(low) >= 0 and int(high) < self.num_samples
+
+    def _raise_out_of_range(self, idx: Tensor) -> None:
+        outside = (idx < 0) | (idx >= self.num_samples)
+        raise IndexError(
+            f"Sample index {int(idx[outside][0])} is outside the weight table's range "
+            f"[0, {self.num_samples}){self._on_rank()}. idx must hold dataset indices "
+            "(IndexedDataset gives them) and num_samples must equal len(train_dataset)."
+        )
 
     def _checked_validation(self, val: Any) -> tuple[Batch, Any, Tensor]:
         if not isinstance(val, (tuple, list)) or len(val) != 3:

@@ -111,6 +111,14 @@ def main() -> None:
                 run_step(kind, wrapper, data)
             except ValueError as error:
                 record["error"] = str(error)
+        elif scenario.endswith("badindex"):
+            data = shard_data(0, rank)
+            if rank == 1:
+                data["idx"][2] = NUM_SAMPLES + 3
+            try:
+                run_step(kind, wrapper, data)
+            except IndexError as error:
+                record["error"] = str(error)
         elif scenario.endswith("nan"):
             data = shard_data(0, rank)
             if rank == 1:

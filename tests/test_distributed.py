@@ -221,6 +221,17 @@ def test_unequal_batch_sizes_are_refused_on_every_rank(tmp_path: Path) -> None:
             "SampleReweighter under DDP needs the same batch size on every rank; got [8, 6].")
 
 
+def test_an_index_out_of_range_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """The range check rides on the first collective: the other rank raises too, no hang."""
+    ranks = launch("reweighter-outer-badindex", tmp_path)
+    assert ranks[1]["error"].startswith(
+        f"Sample index {worker.NUM_SAMPLES + 3} is outside the weight table's range "
+        f"[0, {worker.NUM_SAMPLES}) on rank 1.")
+    assert ranks[0]["error"].startswith(
+        f"Sample indices on rank(s) [1] are outside the weight table's range "
+        f"[0, {worker.NUM_SAMPLES}) (this rank's are inside).")
+
+
 def test_ddp_model_without_a_process_group_is_refused(tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
                             world_size=1)
