@@ -407,7 +407,7 @@ class SampleReweighter(MetaOptimizerBase):
 
     def _meta_gradient(
         self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
-        inverse: Tensor | slice | None, train: tuple[Batch, Any, Any],
+        inverse: Tensor | slice | None, train: tuple[Batch, Any, RngSnapshot | None],
         x_val: Batch, y_val: Any, g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
@@ -475,7 +475,7 @@ class SampleReweighter(MetaOptimizerBase):
     def _forward_row_gradients(
         self, target: Tensor, theta: tuple[Tensor, ...], theta_tilde: tuple[Tensor, ...],
         weights: Tensor, step: float, logits: Tensor, inverse: Tensor | slice | None,
-        scratch: dict[str, Tensor], train: tuple[Batch, Any, Any],
+        scratch: dict[str, Tensor], train: tuple[Batch, Any, RngSnapshot | None],
     ) -> Tensor:
         """The meta-loss's gradient on the batch's rows without a second-order graph.
 
@@ -489,6 +489,7 @@ class SampleReweighter(MetaOptimizerBase):
         v = self._unscaled(torch.autograd.grad(target, theta_tilde, materialize_grads=True))
         v = tuple(t.detach() for t in coll.sum_differentiable(v))  # exact: every rank's rows
         x, y, rng = train
+        assert rng is not None  # taken before the training forward whenever the mode is forward
         # Replay the training forward's random draws (dropout) so the derivatives are those of
         # the very losses the step weights; the generators continue as if nothing ran here.
         with _replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level():
@@ -496,7 +497,7 @@ class SampleReweighter(MetaOptimizerBase):
             try:
                 output = self._fmodel(duals, scratch, x)
                 dual_losses = self._per_sample_losses(output, y, "training loss")
-            except (NotImplementedError, RuntimeError) as error:
+            except RuntimeError as error:  # torch's missing-jvp errors derive from it
                 if "forward" not in str(error) and "jvp" not in str(error):
                     raise
                 raise ValueError(
@@ -511,14 +512,14 @@ class SampleReweighter(MetaOptimizerBase):
         weighted_rate = (weights * rates).sum()
         if coll.exact:  # the softmax normalises over every rank's rows
             weighted_rate = coll.sum(weighted_rate)
-        local = weights * (rates - weighted_rate)  # softmax backward
+        local = (weights * (rates - weighted_rate)).to(logits.dtype)  # softmax backward
         if inverse is None:
-            return local.to(logits.dtype)
+            return local
         row_grads = torch.zeros_like(logits)
         if isinstance(inverse, slice):
-            row_grads[inverse] = local.to(logits.dtype)
+            row_grads[inverse] = local
             return row_grads
-        return row_grads.index_add_(0, inverse, local.to(logits.dtype))
+        return row_grads.index_add_(0, inverse, local)
 
     # ------------------------------------------------------------------------- internals
     def _check_shards(self, n: int, val: tuple[Batch, Any, Tensor] | None,

@@ -102,22 +102,16 @@ def main() -> None:
                 wrapper.zero_grad()
                 run_step(kind, wrapper, data)
             record["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-        elif scenario.endswith("unequal"):
+        elif scenario.endswith(("unequal", "badindex")):
             data = shard_data(0, rank)
-            if rank == 1:
+            if rank == 1 and scenario.endswith("unequal"):
                 data = {k: (v[:6] if k in ("x", "y", "groups", "idx") else v)
                         for k, v in data.items()}
-            try:
-                run_step(kind, wrapper, data)
-            except ValueError as error:
-                record["error"] = str(error)
-        elif scenario.endswith("badindex"):
-            data = shard_data(0, rank)
-            if rank == 1:
+            elif rank == 1:
                 data["idx"][2] = NUM_SAMPLES + 3
             try:
                 run_step(kind, wrapper, data)
-            except IndexError as error:
+            except (ValueError, IndexError) as error:
                 record["error"] = str(error)
         elif scenario.endswith("nan"):
             data = shard_data(0, rank)
