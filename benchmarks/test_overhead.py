@@ -26,9 +26,13 @@ RATIO_TARGETS = {
     ("mlp", "alignment"): 2.0, ("resnet18", "alignment"): 1.9,
     ("mlp", "alignment_first_order"): 1.4, ("resnet18", "alignment_first_order"): 1.1,
     ("mlp", "reweighter"): 2.8, ("resnet18", "reweighter"): 3.4,
+    ("mlp", "alignment_compiled"): 2.0, ("resnet18", "alignment_compiled"): 1.9,
+    ("mlp", "alignment_first_order_compiled"): 1.4,
+    ("resnet18", "alignment_first_order_compiled"): 1.1,
 }
 #: Peak resident memory of the step above the process's before it, as a multiple of plain's.
-MEMORY_TARGETS = {("resnet18", "alignment"): 1.5, ("resnet18", "reweighter"): 1.6}
+MEMORY_TARGETS = {("resnet18", "alignment"): 1.5, ("resnet18", "reweighter"): 1.6,
+                  ("resnet18", "alignment_compiled"): 1.5}
 REPEATS = {"mlp": 100, "resnet18": 12}
 
 
@@ -95,7 +99,7 @@ def test_reweighter_step_time_is_flat_in_table_size(benchmark) -> None:
     assert medians["10000000"] <= 1.10 * medians["1000"], medians
 
 
-@pytest.mark.parametrize("variant", ["alignment", "reweighter"])
+@pytest.mark.parametrize("variant", ["alignment", "reweighter", "alignment_compiled"])
 def test_step_memory_against_plain(benchmark, variant: str) -> None:
     plain = step_peak_rss_mb("resnet18", "plain")
     ours = step_peak_rss_mb("resnet18", variant)

@@ -150,6 +150,11 @@ class FunctionalModel:
             if isinstance(x, Tensor):
                 return self.module(x)
             return self.module(**x) if isinstance(x, Mapping) else self.module(*x)
+        return self.call_at(params, buffers, x)
+
+    def call_at(self, params: Sequence[Tensor], buffers: Mapping[str, Tensor], x: Batch) -> Any:
+        """``model(x)`` at ``params`` and ``buffers`` through ``functional_call`` always (no
+        identity test that would break a ``torch.compile`` trace)."""
         tensors = dict(zip(self.param_names, params))
         if buffers:
             tensors.update(buffers)

@@ -92,6 +92,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             across ranks too, so N ranks equal one process on the concatenated batches). See
             :mod:`metafair_opt.distributed`. Under DDP a set that is empty on any rank counts
             as empty on all (``on_empty`` applies everywhere); ``alignment`` is per rank.
+        compiled: compute the meta-gradient with ``torch.func`` transforms compiled by
+            ``torch.compile`` (one fused graph for the inner steps, the query loss and the
+            backward through both) instead of eager autograd. Same result up to rounding; on
+            small models, where each operation's fixed cost dominates, several times faster
+            per step. The first step compiles (tens of seconds on a small MLP, minutes on a
+            ResNet), and a new batch size compiles once more (then with dynamic shapes). Needs
+            a C++ compiler on CPU (Triton on CUDA); not available with ``grad_scaler`` or
+            under DDP.
 
     BatchNorm and other buffers: the inner forwards (and the alignment forward) run on a
     throw-away copy of the buffers, so they never move running statistics; the query forward
@@ -112,6 +120,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         check_finite: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
         sync: SyncMode = "outer",
+        compiled: bool = False,
     ) -> None:
         if inner_steps < 0 or int(inner_steps) != inner_steps:
             raise ValueError(f"inner_steps must be a non-negative integer; got {inner_steps}.")
@@ -137,6 +146,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         self.fallback_count = 0
         self.skipped_count = 0
         self._warned_empty = False
+        self.compiled = bool(compiled)
+        if self.compiled and (self.grad_scaler is not None or self._coll.distributed):
+            raise ValueError(
+                "compiled=True works in one process without loss scaling; build the wrapper "
+                "with compiled=False for grad_scaler or a DistributedDataParallel model (or "
+                "use bfloat16 autocast, which needs no scaler)."
+            )
+        self._compiled_meta_gradient: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
@@ -204,7 +221,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         # sync="exact": each rank's mean loss weighted by its share of the global set, so the
         # gradients summed over ranks are those of the global mean.
         shares = (n_s / totals[0], n_q / totals[1]) if self._coll.exact else (1.0, 1.0)
-        grads, buffers, watched, alignment = self._meta_gradient(x_s, y_s, x_q, y_q, shares)
+        meta_gradient = self._compiled_step if self.compiled else self._meta_gradient
+        grads, buffers, watched, alignment = meta_gradient(x_s, y_s, x_q, y_q, shares)
         applied = self._commit(grads, buffers, watched, sentinel=watched[-1][1])
         losses = torch.stack([loss.detach() for _, loss in watched]).tolist()
         return AlignmentResult(
@@ -309,6 +327,75 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                                          params if self.first_order else theta0,
                                          allow_unused=True)
         return meta_grads, committed, watched, alignment
+
+    def _compiled_step(
+        self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any, shares: tuple[float, float]
+    ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor], list[tuple[str, Tensor]],
+               float | None]:
+        """:meth:`_meta_gradient`'s results, computed by the compiled ``torch.func`` form."""
+        fm = self._fmodel
+        has_buffers = bool(fm.buffer_names)
+        scratch = fm.clone_buffers() if has_buffers else {}
+        committed = fm.clone_buffers() if has_buffers else {}
+        if self._compiled_meta_gradient is None:
+            self._compiled_meta_gradient = torch.compile(self._functional_meta_gradient,
+                                                         fullgraph=True)
+        theta0 = tuple(p.detach() for p in fm.params)
+        inputs = (theta0, scratch, committed, x_s, y_s, x_q, y_q)
+        try:
+            meta_grads, losses = self._compiled_meta_gradient(*inputs)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            # A trace that stops on an exception reports only "Observed exception": run the
+            # same function eagerly, on fresh buffer copies, so that a bad input raises its own
+            # error; if it runs, torch.compile itself could not handle the step.
+            self._functional_meta_gradient(
+                theta0, fm.clone_buffers(), fm.clone_buffers(), x_s, y_s, x_q, y_q)
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            context = [line for line in lines if line.startswith("Developer debug context")]
+            reason = (context or lines or [""])[0][:300]
+            raise ValueError(
+                f"torch.compile could not compile this step ({type(error).__name__}: "
+                f"{reason}). Nothing was updated. Build the wrapper with compiled=False (the "
+                "same step in eager autograd); custom torchopt inner optimizers other than "
+                "SGD are known not to trace."
+            ) from error
+        names = [f"support loss at inner step {i + 1} of {self.inner_steps}"
+                 for i in range(self.inner_steps)] + ["query loss"]
+        alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
+                     if self.track_alignment else None)
+        return tuple(meta_grads), committed, list(zip(names, losses)), alignment
+
+    def _functional_meta_gradient(
+        self, theta0: tuple[Tensor, ...], scratch: dict[str, Tensor],
+        committed: dict[str, Tensor], x_s: Batch, y_s: Any, x_q: Batch, y_q: Any,
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The meta-gradient at ``theta0`` and the step's losses (support losses, then the
+        query loss), written with ``torch.func.grad`` so that ``torch.compile`` can trace the
+        whole of it, double backward included."""
+        fm = self._fmodel
+
+        # The buffers are arguments, not captured: torch.func refuses in-place updates (running
+        # statistics) of tensors a transformed function closes over.
+        def support_loss(params: tuple[Tensor, ...], buffers: dict[str, Tensor],
+                         what: str) -> Tensor:
+            return self._loss(fm.call_at(params, buffers, x_s), y_s, what)
+
+        def query_loss(theta: tuple[Tensor, ...], scratch: dict[str, Tensor],
+                       committed: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+            params = theta
+            state = self.inner_optimizer.init(params) if self._custom_inner else None
+            losses = []
+            for i in range(self.inner_steps):
+                what = f"support loss at inner step {i + 1} of {self.inner_steps}"
+                grads, loss_s = torch.func.grad_and_value(support_loss)(params, scratch, what)
+                if self.first_order:  # the query gradient at theta_I, applied to theta_0
+                    grads = tuple(g.detach() for g in grads)
+                params, state = self._inner_update(grads, state, params)
+                losses.append(loss_s)
+            loss_q = self._loss(fm.call_at(params, committed, x_q), y_q, "query loss")
+            return loss_q, (*losses, loss_q)
+
+        return torch.func.grad(query_loss, has_aux=True)(theta0, scratch, committed)
 
     def _alignment(
         self,

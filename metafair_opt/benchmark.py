@@ -7,8 +7,10 @@ training batch and a validation batch of 64 rows from two groups.
 
 Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
 ``alignment`` (second order, 1 inner step), ``alignment_first_order``, ``alignment_5_inner``,
-``reweighter`` and ``reweighter_every_5`` (``meta_every=5``, amortised), and the same steps written
-with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``.
+``reweighter`` and ``reweighter_every_5`` (``meta_every=5``, amortised), the same steps written
+with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``, and
+``alignment_compiled`` / ``alignment_first_order_compiled`` (``compiled=True``: compiled once
+before timing, so the medians are the steady state; the compile time is not in them).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
 Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
 CPU, where torch keeps no allocator statistics, the step's peak resident memory above the RSS
@@ -49,7 +51,7 @@ WORKLOADS = ("mlp", "resnet18")
 VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
-    "torchfunc_reweighter",
+    "torchfunc_reweighter", "alignment_compiled", "alignment_first_order_compiled",
 )
 INNER_LR = 0.01
 LOOKAHEAD_LR = 0.01
@@ -223,7 +225,8 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         aligner = GradientAlignmentWrapper(
             model, optimizer, loss_fn=w.loss, inner_lr=INNER_LR,
             inner_steps=5 if variant == "alignment_5_inner" else 1,
-            first_order=variant == "alignment_first_order",
+            first_order=variant.startswith("alignment_first_order"),
+            compiled=variant.endswith("_compiled"),
         )
 
         def align() -> None:
@@ -269,7 +272,9 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str
         return grads, None if weights is None else weights()
 
     report = {}
-    for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment")),
+    for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment",
+                                       "alignment_compiled")),
+                        ("alignment_first_order", ("alignment_first_order_compiled",)),
                         ("reweighter", ("higher_reweighter", "torchfunc_reweighter"))):
         reference, reference_weights = outcome(ours)
         for peer in peers:
@@ -324,6 +329,12 @@ def kb(field):
 step, _ = make_step(sys.argv[2], make_workload(sys.argv[1]))
 # No warm-up step: its freed memory would stay resident and hide the measured step's peak. The
 # variants use plain SGD and build their tables up front, so the first step creates no state.
+# A compiled variant must compile first: then the freed memory goes back to the system.
+if sys.argv[2].endswith("_compiled"):
+    import ctypes, gc
+    step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 before = kb("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS

@@ -29,7 +29,7 @@ def assert_no_growth(step) -> None:
 
 
 @pytest.mark.parametrize("variant", ["alignment", "alignment_first_order", "reweighter",
-                                     "reweighter_every_5"])
+                                     "reweighter_every_5", "alignment_compiled"])
 def test_no_tensor_growth_over_many_steps(variant: str) -> None:
     step, _ = make_step(variant, make_workload("mlp"))
     assert_no_growth(step)
