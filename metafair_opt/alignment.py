@@ -12,6 +12,7 @@ gradients: to first order in ``inner_lr`` the meta-gradient is
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -338,8 +339,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         scratch = fm.clone_buffers() if has_buffers else {}
         committed = fm.clone_buffers() if has_buffers else {}
         if self._compiled_meta_gradient is None:
-            self._compiled_meta_gradient = torch.compile(self._functional_meta_gradient,
-                                                         fullgraph=True)
+            self._compiled_meta_gradient = torch.compile(
+                _own_code(self._functional_meta_gradient), fullgraph=True)
         theta0 = tuple(p.detach() for p in fm.params)
         inputs = (theta0, scratch, committed, x_s, y_s, x_q, y_q)
         try:
@@ -479,6 +480,19 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             query_loss=None if loss is None else float(loss.detach()), n_support=n_s,
             n_query=n_q, fallback=applied, skipped=not applied,
         )
+
+
+def _own_code(method: Any) -> Callable[..., Any]:
+    """``method`` (bound) rebuilt on its own copy of the function's code object.
+
+    torch.compile caches compiled graphs per code object, up to ``recompile_limit`` (8) variants,
+    then runs that code uncompiled. With a copy per wrapper, a process that builds many wrappers
+    (a sweep over configurations) gives each its own cache instead of sharing one.
+    """
+    function = method.__func__
+    own = types.FunctionType(function.__code__.replace(), function.__globals__,
+                             function.__name__, function.__defaults__, function.__closure__)
+    return types.MethodType(own, method.__self__)
 
 
 def _as_pair(pair: Any, name: str) -> tuple[Batch, Any]:

@@ -145,3 +145,16 @@ def test_compiled_is_refused_with_a_grad_scaler() -> None:
     with pytest.raises(ValueError, match="compiled=True works in one process without loss "
                                          "scaling; build the wrapper with compiled=False"):
         GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True, grad_scaler=scaler)
+
+
+def test_every_wrapper_of_a_sweep_compiles_past_torch_compiles_recompile_limit() -> None:
+    """torch.compile keeps at most 8 variants per code object, then runs it uncompiled; each
+    wrapper compiles its own copy, so the ninth configuration in one process still compiles."""
+    batches = tiny_batches(seed=31)
+    for i in range(9):
+        graphs = compiled_graphs()
+        got = compiled_meta_gradient(tiny_model(seed=32), batches, inner_lr=0.05 * (i + 1))
+        assert compiled_graphs() == graphs + 1, f"wrapper {i} ran uncompiled"
+        params0 = [p.detach().clone().requires_grad_(True)
+                   for p in tiny_model(seed=32).parameters()]
+        assert rel_error(got, hand_meta_gradient(params0, batches, 0.05 * (i + 1), 1)) < 1e-10
