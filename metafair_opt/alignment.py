@@ -12,6 +12,8 @@ gradients: to first order in ``inner_lr`` the meta-gradient is
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -94,13 +96,19 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             :mod:`metafair_opt.distributed`. Under DDP a set that is empty on any rank counts
             as empty on all (``on_empty`` applies everywhere); ``alignment`` is per rank.
         compiled: compute the meta-gradient with ``torch.func`` transforms compiled by
-            ``torch.compile`` (one fused graph for the inner steps, the query loss and the
-            backward through both) instead of eager autograd. Same result up to rounding; on
-            small models, where each operation's fixed cost dominates, several times faster
-            per step. The first step compiles (tens of seconds on a small MLP, minutes on a
-            ResNet), and a new batch size compiles once more (then with dynamic shapes). Needs
-            a C++ compiler on CPU (Triton on CUDA); not available with ``grad_scaler`` or
-            under DDP.
+            ``torch.compile(fullgraph=True)`` (one graph for the inner steps, the query loss and
+            the backward through both) instead of eager autograd. Same result up to rounding
+            (dropout draws from torch's generator, as in eager mode); faster where each
+            operation's fixed cost dominates (small models; the README gives the measured
+            figures). The first step compiles (tens of seconds on a small MLP, minutes on a
+            ResNet), a new batch size compiles once more (then with dynamic shapes). Needs a C++
+            compiler on CPU (Triton on CUDA); refused with ``grad_scaler`` or under DDP. Two
+            differences from eager mode: a parameter the step does not reach gets a zero
+            gradient instead of none (so momentum, Adam or weight decay still move it), and
+            ``track_alignment`` costs two extra eager forward/backward passes, not one. With
+            dropout, a batch size that changes makes the trace fail in torch 2.15 (dropout under
+            ``torch.func`` with dynamic shapes): the step then raises a ValueError that points
+            to ``compiled=False``.
 
     BatchNorm and other buffers: the inner forwards (and the alignment forward) run on a
     throw-away copy of the buffers, so they never move running statistics; the query forward
@@ -339,26 +347,28 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         scratch = fm.clone_buffers() if has_buffers else {}
         committed = fm.clone_buffers() if has_buffers else {}
         if self._compiled_meta_gradient is None:
+            # fallback_random: dropout draws from torch's generator as in eager mode (Inductor's
+            # own random numbers would give a different, if equally random, step).
             self._compiled_meta_gradient = torch.compile(
-                _own_code(self._functional_meta_gradient), fullgraph=True)
+                _own_code(self._functional_meta_gradient), fullgraph=True,
+                options={"fallback_random": True})
         theta0 = tuple(p.detach() for p in fm.params)
-        inputs = (theta0, scratch, committed, x_s, y_s, x_q, y_q)
         try:
-            meta_grads, losses = self._compiled_meta_gradient(*inputs)
-        except torch._dynamo.exc.TorchDynamoException as error:
-            # A trace that stops on an exception reports only "Observed exception": run the
-            # same function eagerly, on fresh buffer copies, so that a bad input raises its own
-            # error; if it runs, torch.compile itself could not handle the step.
-            self._functional_meta_gradient(
-                theta0, fm.clone_buffers(), fm.clone_buffers(), x_s, y_s, x_q, y_q)
+            meta_grads, losses = self._compiled_meta_gradient(
+                theta0, scratch, committed, x_s, y_s, x_q, y_q)
+        except (torch._dynamo.exc.TorchDynamoException,
+                torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+            # A trace that stops on an exception reports only "Observed exception": take the
+            # eager step (on fresh buffer copies, nothing committed), so that a bad input raises
+            # the eager step's own error; if it runs, torch.compile could not handle the step.
+            self._meta_gradient(x_s, y_s, x_q, y_q, shares)
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             context = [line for line in lines if line.startswith("Developer debug context")]
             reason = (context or lines or [""])[0][:300]
             raise ValueError(
                 f"torch.compile could not compile this step ({type(error).__name__}: "
                 f"{reason}). Nothing was updated. Build the wrapper with compiled=False (the "
-                "same step in eager autograd); custom torchopt inner optimizers other than "
-                "SGD are known not to trace."
+                "same step in eager autograd)."
             ) from error
         names = [f"support loss at inner step {i + 1} of {self.inner_steps}"
                  for i in range(self.inner_steps)] + ["query loss"]
@@ -393,6 +403,10 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                     grads = tuple(g.detach() for g in grads)
                 params, state = self._inner_update(grads, state, params)
                 losses.append(loss_s)
+            if self.first_order and self.inner_steps:
+                # theta_I's value, with the identity as its derivative in theta_0 (an update
+                # such as weight decay depends on the parameters themselves).
+                params = tuple(t + (p - t).detach() for p, t in zip(params, theta))
             loss_q = self._loss(fm.call_at(params, committed, x_q), y_q, "query loss")
             return loss_q, (*losses, loss_q)
 
@@ -482,16 +496,25 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         )
 
 
+_copies = itertools.count()
+
+
 def _own_code(method: Any) -> Callable[..., Any]:
     """``method`` (bound) rebuilt on its own copy of the function's code object.
 
-    torch.compile caches compiled graphs per code object, up to ``recompile_limit`` (8) variants,
-    then runs that code uncompiled. With a copy per wrapper, a process that builds many wrappers
-    (a sweep over configurations) gives each its own cache instead of sharing one.
+    torch.compile caches compiled graphs per code object, up to ``recompile_limit`` (8) variants;
+    past that, a ``fullgraph=True`` compile fails. With a copy per wrapper, a process that builds
+    many wrappers (a sweep over configurations) gives each its own cache instead of sharing one.
     """
+    assert isinstance(method, types.MethodType), "a bound method, undecorated"
     function = method.__func__
-    own = types.FunctionType(function.__code__.replace(), function.__globals__,
-                             function.__name__, function.__defaults__, function.__closure__)
+    # A name of its own as well: torch.compile also remembers which dimensions turned out
+    # dynamic per function name and place, and would carry that from one wrapper to the next.
+    code = function.__code__.replace(co_name=f"{function.__name__}_{next(_copies)}")
+    own = types.FunctionType(code, function.__globals__, function.__name__,
+                             function.__defaults__, function.__closure__)
+    own.__kwdefaults__ = function.__kwdefaults__
+    functools.update_wrapper(own, function)
     return types.MethodType(own, method.__self__)
 
 

@@ -14,7 +14,8 @@ before timing, so the medians are the steady state; the compile time is not in t
 Every implementation of a variant is checked to give the same gradients before anything is timed.
 Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
 CPU, where torch keeps no allocator statistics, the step's peak resident memory above the RSS
-before it, measured in a fresh process per variant.
+before it, measured in a fresh process per variant after one warm-up step whose freed memory is
+handed back to the system (glibc's ``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
 
 
 _RSS_CHILD = """
-import json, sys, torch
+import ctypes, gc, json, sys, torch
 torch.set_num_threads(int(sys.argv[3]))
 from metafair_opt.benchmark import make_step, make_workload
 def kb(field):
@@ -327,14 +328,12 @@ def kb(field):
         if line.startswith(field):
             return int(line.split()[1])
 step, _ = make_step(sys.argv[2], make_workload(sys.argv[1]))
-# No warm-up step: its freed memory would stay resident and hide the measured step's peak. The
-# variants use plain SGD and build their tables up front, so the first step creates no state.
-# A compiled variant must compile first: then the freed memory goes back to the system.
-if sys.argv[2].endswith("_compiled"):
-    import ctypes, gc
-    step()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+# One warm-up step (a compiled variant compiles in it; any variant allocates its one-time
+# state), then the freed memory goes back to the system, so that it can neither hide the
+# measured step's peak nor be counted in it.
+step()
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
 before = kb("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS

@@ -2,8 +2,10 @@
 
 Checked against the same independent references as the eager step (the model written out by
 hand with ``torch.autograd.grad``, ``higher``), against the eager wrapper (BatchNorm running
-statistics, batch sizes that change), and for its errors. Every test also checks that a graph
-was really compiled, so a silent fallback to eager execution would fail it.
+statistics, batch sizes that change, dropout, first order with weight decay, no inner step,
+the alignment trace), and for its errors. The tests that compare results also check that a
+graph was compiled, so a silent fallback to eager execution would fail them; the error tests
+check that the error came out of a failed compile.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def test_compiled_training_equals_eager_with_batchnorm_and_changing_batch_sizes(
     """Running statistics move once per step as in eager mode; a new batch size recompiles
     (with dynamic shapes) and still gives the eager result; torchopt's SGD traces too."""
     runs = []
+    graphs = compiled_graphs()
     for compiled in (False, True):
         model = bn_model(seed=25)
         # SGD: Adam would blow up the rounding noise of the bias before BatchNorm, whose true
@@ -97,6 +100,7 @@ def test_compiled_training_equals_eager_with_batchnorm_and_changing_batch_sizes(
             losses.append([*result.support_losses, result.query_loss])
         runs.append((model.state_dict(), losses))
     (eager_state, eager_losses), (compiled_state, compiled_losses) = runs
+    assert compiled_graphs() >= graphs + 2  # the first batch size, then dynamic shapes
     assert torch.tensor(compiled_losses).allclose(torch.tensor(eager_losses), rtol=1e-10)
     assert compiled_state["1.num_batches_tracked"] == 4
     for key, value in eager_state.items():
@@ -104,38 +108,155 @@ def test_compiled_training_equals_eager_with_batchnorm_and_changing_batch_sizes(
                               atol=1e-12), key
 
 
+def momentum_state(model: nn.Module) -> torch.optim.Optimizer:
+    """An SGD-with-momentum optimizer that has stepped once and holds gradients, so a failed
+    step that touched its state or the gradients would show."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    opt.step()
+    return opt
+
+
+def per_sample_bce(output: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction="none")
+
+
 def test_compiled_bad_loss_raises_its_own_error_and_changes_nothing() -> None:
-    xs, ys, xq, yq = tiny_batches(seed=27)
     model = bn_model(seed=28)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def per_sample(output: Tensor, target: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction="none")
-
-    aligner = GradientAlignmentWrapper(model, opt, loss_fn=per_sample, compiled=True)
-    xs, xq = torch.randn(7, 4), torch.randn(9, 4)
+    opt = momentum_state(model)
+    aligner = GradientAlignmentWrapper(model, opt, loss_fn=per_sample_bce, compiled=True)
+    g = torch.Generator().manual_seed(27)
+    xs, xq = torch.randn(7, 4, generator=g), torch.randn(9, 4, generator=g)
+    ys, yq = torch.ones(7), torch.zeros(9)
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"loss_fn must return a scalar \(0-dim\) tensor, but "
                                          r"for the support loss at inner step 1 of 1 it "
-                                         r"returned \(7,\)"):
+                                         r"returned \(7,\)") as raised:
         aligner.step(support=(xs, ys), query=(xq, yq))
+    assert isinstance(raised.value.__context__, torch._dynamo.exc.TorchDynamoException)
     assert_same_state(before, snapshot(model, opt))
 
 
 def test_step_that_does_not_compile_names_the_fix_and_changes_nothing() -> None:
-    """torchopt's Adam does not trace under torch.func + torch.compile (a fake-tensor error in
-    torch's fma decomposition): the step says so and points to compiled=False."""
-    batches = tiny_batches(seed=29)
-    model = tiny_model(seed=30)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True,
-                                       inner_optimizer=torchopt.adam(0.01, eps_root=1e-8))
+    """A loss that breaks the graph (here on purpose; in practice code torch.compile cannot
+    trace) cannot become one graph: the step says so and points to compiled=False."""
+    model = bn_model(seed=30)
+    opt = momentum_state(model)
+
+    def untraceable_loss(output: Tensor, target: Tensor) -> Tensor:
+        torch._dynamo.graph_break()  # a no-op in eager mode
+        return bce(output, target)
+
+    aligner = GradientAlignmentWrapper(model, opt, loss_fn=untraceable_loss,
+                                       compiled=True)
+    xs, ys, xq, yq = tiny_batches(seed=29, inputs=4)
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"torch.compile could not compile this step .*"
                                          r"Nothing was updated. Build the wrapper with "
                                          r"compiled=False"):
-        aligner.step(support=batches[:2], query=batches[2:])
+        aligner.step(support=(xs, ys), query=(xq, yq))
     assert_same_state(before, snapshot(model, opt))
+    eager = GradientAlignmentWrapper(model, opt, loss_fn=untraceable_loss)
+    assert eager.step(support=(xs, ys), query=(xq, yq)).query_loss is not None
+
+
+def test_compiled_nan_loss_names_the_loss_and_changes_nothing() -> None:
+    model = bn_model(seed=33)
+    opt = momentum_state(model)
+    aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True)
+    xs, ys, xq, yq = tiny_batches(seed=34, inputs=4)
+    xs = xs.clone()
+    xs[2, 1] = float("nan")
+    before = snapshot(model, opt)
+    with pytest.raises(FloatingPointError, match="The support loss at inner step 1 of 1 is nan"):
+        aligner.step(support=(xs, ys), query=(xq, yq))
+    assert_same_state(before, snapshot(model, opt))
+
+
+def params_of(model: nn.Module) -> list[Tensor]:
+    return [p.detach() for p in model.parameters()]
+
+
+def eager_and_compiled(build, steps: int = 2, **kwargs):
+    """Train a fresh ``build()`` for ``steps`` steps eagerly and compiled, same batches and
+    seeds; return both (model, last result) pairs."""
+    runs = []
+    for compiled in (False, True):
+        model = build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=compiled,
+                                           **kwargs)
+        g = torch.Generator().manual_seed(35)
+        torch.manual_seed(36)  # the dropout draws
+        for _ in range(steps):
+            x, y = torch.randn(16, 4, generator=g), (torch.rand(16, generator=g) > 0.5).double()
+            aligner.zero_grad()
+            result = aligner.step(support=(x[:6], y[:6]), query=(x[6:], y[6:]))
+        runs.append((model, result))
+    return runs
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"inner_steps": 0},
+    {"track_alignment": True},
+    {"first_order": True, "inner_steps": 2,
+     "inner_optimizer": torchopt.sgd(0.2, momentum=0.5, weight_decay=0.1)},
+], ids=["no_inner_step", "track_alignment", "first_order_weight_decay"])
+def test_compiled_equals_eager(kwargs) -> None:
+    graphs = compiled_graphs()
+    (eager, eager_result), (compiled, compiled_result) = eager_and_compiled(
+        lambda: bn_model(seed=37), **kwargs)
+    assert compiled_graphs() > graphs
+    assert rel_error(params_of(compiled), params_of(eager)) < 1e-12
+    assert compiled_result.query_loss == pytest.approx(eager_result.query_loss, rel=1e-12)
+    if kwargs.get("track_alignment"):
+        assert compiled_result.alignment == pytest.approx(eager_result.alignment, rel=1e-12)
+
+
+def test_compiled_dropout_draws_as_eager_mode_does() -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(38)
+        return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5),
+                             nn.Linear(16, 1)).double()
+
+    graphs = compiled_graphs()
+    (eager, _), (compiled, _) = eager_and_compiled(build)
+    assert compiled_graphs() > graphs
+    assert rel_error(params_of(compiled), params_of(eager)) < 1e-12
+    # Dropout matters here: without it, the same step gives other parameters.
+    (plain, _), _ = eager_and_compiled(lambda: build().eval(), steps=2)
+    assert rel_error(params_of(plain), params_of(eager)) > 1e-6
+
+
+def test_compiled_gives_unreached_parameters_a_zero_gradient() -> None:
+    """The documented difference: torch.func fills the gradient of a parameter the step does
+    not reach with zeros, where the eager step leaves it None."""
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.used, self.unused = nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.used(torch.tanh(self.body(x)))
+
+    grads = {}
+    for compiled in (False, True):
+        torch.manual_seed(39)
+        model = TwoHeads().double()
+        grads[compiled] = compiled_meta_gradient(model, tiny_batches(seed=40)) if compiled \
+            else wrapper_grads(model, tiny_batches(seed=40))
+    assert grads[False][-1] is None and grads[False][-2] is None
+    assert torch.equal(grads[True][-1], torch.zeros(1)) and not grads[True][-2].any()
+    assert rel_error(grads[True][:4], grads[False][:4]) < 1e-10
+
+
+def wrapper_grads(model: nn.Module, batches) -> list[Tensor | None]:
+    xs, ys, xq, yq = batches
+    aligner = GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                       loss_fn=bce)
+    aligner.step(support=(xs, ys), query=(xq, yq))
+    return [p.grad for p in model.parameters()]
 
 
 def test_compiled_is_refused_with_a_grad_scaler() -> None:
