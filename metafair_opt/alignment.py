@@ -105,7 +105,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             compiler on CPU (Triton on CUDA); refused with ``grad_scaler`` or under DDP. Two
             differences from eager mode: a parameter the step does not reach gets a zero
             gradient instead of none (so momentum, Adam or weight decay still move it), and
-            ``track_alignment`` costs two extra eager forward/backward passes, not one. With
+            ``track_alignment`` costs two extra eager forward/backward passes, not one (with
+            dropout it also draws other masks than eager mode, in another order). With
             dropout, a batch size that changes makes the trace fail in torch 2.15 (dropout under
             ``torch.func`` with dynamic shapes): the step then raises a ValueError that points
             to ``compiled=False``.
@@ -362,9 +363,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             # eager step (on fresh buffer copies, nothing committed), so that a bad input raises
             # the eager step's own error; if it runs, torch.compile could not handle the step.
             self._meta_gradient(x_s, y_s, x_q, y_q, shares)
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            context = [line for line in lines if line.startswith("Developer debug context")]
-            reason = (context or lines or [""])[0][:300]
+            if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
+                reason = ("its recompile limit was reached: the step's inputs or settings "
+                          "changed (dtype, device, configuration) more often than "
+                          "torch._dynamo.config.recompile_limit allows")
+            else:
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                context = [line for line in lines if line.startswith("Developer debug context")]
+                reason = (context or lines or [""])[0][:300]
             raise ValueError(
                 f"torch.compile could not compile this step ({type(error).__name__}: "
                 f"{reason}). Nothing was updated. Build the wrapper with compiled=False (the "
@@ -406,7 +412,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             if self.first_order and self.inner_steps:
                 # theta_I's value, with the identity as its derivative in theta_0 (an update
                 # such as weight decay depends on the parameters themselves).
-                params = tuple(t + (p - t).detach() for p, t in zip(params, theta))
+                params = tuple(p.detach() + (t - t.detach()) for p, t in zip(params, theta))
             loss_q = self._loss(fm.call_at(params, committed, x_q), y_q, "query loss")
             return loss_q, (*losses, loss_q)
 

@@ -328,10 +328,11 @@ def kb(field):
         if line.startswith(field):
             return int(line.split()[1])
 step, _ = make_step(sys.argv[2], make_workload(sys.argv[1]))
-# One warm-up step (a compiled variant compiles in it; any variant allocates its one-time
-# state), then the freed memory goes back to the system, so that it can neither hide the
-# measured step's peak nor be counted in it.
-step()
+# Warm-up (a compiled variant compiles; any variant allocates its one-time state; meta_every=5
+# goes round once, so the measured step updates the weights), then the freed memory goes back
+# to the system, so that it can neither hide the measured step's peak nor be counted in it.
+for _ in range(5 if sys.argv[2] == "reweighter_every_5" else 1):
+    step()
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
 before = kb("VmRSS")

@@ -4,8 +4,8 @@ Checked against the same independent references as the eager step (the model wri
 hand with ``torch.autograd.grad``, ``higher``), against the eager wrapper (BatchNorm running
 statistics, batch sizes that change, dropout, first order with weight decay, no inner step,
 the alignment trace), and for its errors. The tests that compare results also check that a
-graph was compiled, so a silent fallback to eager execution would fail them; the error tests
-check that the error came out of a failed compile.
+graph was compiled, so a silent fallback to eager execution would fail them; the tests of
+compile failures check that the error came out of one.
 """
 
 from __future__ import annotations
@@ -269,8 +269,9 @@ def test_compiled_is_refused_with_a_grad_scaler() -> None:
 
 
 def test_every_wrapper_of_a_sweep_compiles_past_torch_compiles_recompile_limit() -> None:
-    """torch.compile keeps at most 8 variants per code object, then runs it uncompiled; each
-    wrapper compiles its own copy, so the ninth configuration in one process still compiles."""
+    """torch.compile keeps at most 8 variants per code object, then (with fullgraph=True)
+    fails; each wrapper compiles its own copy, so the ninth configuration in one process still
+    compiles."""
     batches = tiny_batches(seed=31)
     for i in range(9):
         graphs = compiled_graphs()
@@ -279,3 +280,19 @@ def test_every_wrapper_of_a_sweep_compiles_past_torch_compiles_recompile_limit()
         params0 = [p.detach().clone().requires_grad_(True)
                    for p in tiny_model(seed=32).parameters()]
         assert rel_error(got, hand_meta_gradient(params0, batches, 0.05 * (i + 1), 1)) < 1e-10
+
+
+def test_recompile_limit_names_the_limit_and_the_fix() -> None:
+    batches = tiny_batches(seed=41)
+    model = tiny_model(seed=42)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True)
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        aligner.step(support=batches[:2], query=batches[2:])
+        before = snapshot(model, opt)
+        xs, ys, xq, yq = tiny_batches(seed=43, n_s=5)  # a new shape: a second compile
+        with pytest.raises(ValueError, match=r"FailOnRecompileLimitHit: its recompile limit was "
+                                             r"reached.*Nothing was updated. Build the wrapper "
+                                             r"with compiled=False"):
+            aligner.step(support=(xs, ys), query=(xq, yq))
+    assert_same_state(before, snapshot(model, opt))
