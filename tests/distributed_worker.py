@@ -137,6 +137,10 @@ def main() -> None:
                 torch.save({"model": model.module.state_dict(), "wrapper": wrapper.state_dict()},
                            Path(out) / "checkpoint.pt")
         torch.save(record, Path(out) / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank that exits while its peer still
+        # talks to it can abort in gloo's threads ("terminate called without an active
+        # exception", seen once under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
