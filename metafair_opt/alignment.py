@@ -282,6 +282,10 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             )
         return loss
 
+    def _support_loss_name(self, i: int) -> str:
+        """How errors name the support loss of inner step ``i`` (from 0)."""
+        return f"support loss at inner step {i + 1} of {self.inner_steps}"
+
     def _inner_update(
         self, grads: tuple[Tensor, ...], state: Any, params: tuple[Tensor, ...]
     ) -> tuple[tuple[Tensor, ...], Any]:
@@ -308,7 +312,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         watched: list[tuple[str, Tensor]] = []
         grad_s0: tuple[Tensor, ...] | None = None
         for i in range(self.inner_steps):
-            what = f"support loss at inner step {i + 1} of {self.inner_steps}"
+            what = self._support_loss_name(i)
             loss_s = self._loss(fm(params, scratch, x_s), y_s, what)
             watched.append((what, loss_s))
             grads = self._unscaled(torch.autograd.grad(
@@ -376,8 +380,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 f"{reason}). Nothing was updated. Build the wrapper with compiled=False (the "
                 "same step in eager autograd)."
             ) from error
-        names = [f"support loss at inner step {i + 1} of {self.inner_steps}"
-                 for i in range(self.inner_steps)] + ["query loss"]
+        names = [*map(self._support_loss_name, range(self.inner_steps)), "query loss"]
         alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
                      if self.track_alignment else None)
         return tuple(meta_grads), committed, list(zip(names, losses)), alignment
@@ -403,7 +406,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             state = self.inner_optimizer.init(params) if self._custom_inner else None
             losses = []
             for i in range(self.inner_steps):
-                what = f"support loss at inner step {i + 1} of {self.inner_steps}"
+                what = self._support_loss_name(i)
                 grads, loss_s = torch.func.grad_and_value(support_loss)(params, scratch, what)
                 if self.first_order:  # the query gradient at theta_I, applied to theta_0
                     grads = tuple(g.detach() for g in grads)

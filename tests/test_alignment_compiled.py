@@ -26,6 +26,7 @@ from tests.test_alignment_gradients import (
     plain_mlp,
     tiny_batches,
     tiny_model,
+    wrapper_meta_gradient,
 )
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
@@ -35,13 +36,8 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compiled_meta_gradient(model: nn.Module, batches, **kwargs) -> list[Tensor]:
-    xs, ys, xq, yq = batches
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True, **kwargs)
-    aligner.zero_grad()
-    aligner.step(support=(xs, ys), query=(xq, yq))
-    return [p.grad.clone() for p in model.parameters()]
+def compiled_meta_gradient(model: nn.Module, batches, **kwargs) -> list[Tensor | None]:
+    return wrapper_meta_gradient(model, batches, compiled=True, **kwargs)
 
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
@@ -245,18 +241,10 @@ def test_compiled_gives_unreached_parameters_a_zero_gradient() -> None:
         torch.manual_seed(39)
         model = TwoHeads().double()
         grads[compiled] = compiled_meta_gradient(model, tiny_batches(seed=40)) if compiled \
-            else wrapper_grads(model, tiny_batches(seed=40))
+            else wrapper_meta_gradient(model, tiny_batches(seed=40))
     assert grads[False][-1] is None and grads[False][-2] is None
     assert torch.equal(grads[True][-1], torch.zeros(1)) and not grads[True][-2].any()
     assert rel_error(grads[True][:4], grads[False][:4]) < 1e-10
-
-
-def wrapper_grads(model: nn.Module, batches) -> list[Tensor | None]:
-    xs, ys, xq, yq = batches
-    aligner = GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                                       loss_fn=bce)
-    aligner.step(support=(xs, ys), query=(xq, yq))
-    return [p.grad for p in model.parameters()]
 
 
 def test_compiled_is_refused_with_a_grad_scaler() -> None:

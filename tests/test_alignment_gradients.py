@@ -44,14 +44,15 @@ def plain_mlp(params: list[Tensor], x: Tensor) -> Tensor:
     return torch.tanh(x @ w1.T + b1) @ w2.T + b2
 
 
-def wrapper_meta_gradient(model: nn.Module, batches, **kwargs) -> list[Tensor]:
-    """Run one wrapper step with a zero-learning-rate optimizer and read p.grad."""
+def wrapper_meta_gradient(model: nn.Module, batches, **kwargs) -> list[Tensor | None]:
+    """Run one wrapper step with a zero-learning-rate optimizer and read p.grad (None for a
+    parameter the step did not reach)."""
     xs, ys, xq, yq = batches
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, **kwargs)
     aligner.zero_grad()
     aligner.step(support=(xs, ys), query=(xq, yq))
-    return [p.grad.clone() for p in model.parameters()]
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
 def hand_meta_gradient(params0: list[Tensor], batches, lr: float, steps: int) -> list[Tensor]:
