@@ -12,9 +12,6 @@ gradients: to first order in ``inner_lr`` the meta-gradient is
 from __future__ import annotations
 
 import copy
-import functools
-import itertools
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ import torch
 import torchopt
 from torch import Tensor, nn
 
+from metafair_opt._compiled import COMPILE_FAILURES, compile_failure, compile_method
 from metafair_opt._functional import (
     Batch,
     check_same_batch_size,
@@ -352,34 +350,17 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         scratch = fm.clone_buffers() if has_buffers else {}
         committed = fm.clone_buffers() if has_buffers else {}
         if self._compiled_meta_gradient is None:
-            # fallback_random: dropout draws from torch's generator as in eager mode (Inductor's
-            # own random numbers would give a different, if equally random, step).
-            self._compiled_meta_gradient = torch.compile(
-                _own_code(self._functional_meta_gradient), fullgraph=True,
-                options={"fallback_random": True})
+            self._compiled_meta_gradient = compile_method(self._functional_meta_gradient)
         theta0 = tuple(p.detach() for p in fm.params)
         try:
             meta_grads, losses = self._compiled_meta_gradient(
                 theta0, scratch, committed, x_s, y_s, x_q, y_q)
-        except (torch._dynamo.exc.TorchDynamoException,
-                torch._dynamo.exc.FailOnRecompileLimitHit) as error:
+        except COMPILE_FAILURES as error:
             # A trace that stops on an exception reports only "Observed exception": take the
             # eager step (on fresh buffer copies, nothing committed), so that a bad input raises
             # the eager step's own error; if it runs, torch.compile could not handle the step.
             self._meta_gradient(x_s, y_s, x_q, y_q, shares)
-            if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
-                reason = ("its recompile limit was reached: the step's inputs or settings "
-                          "changed (dtype, device, configuration) more often than "
-                          "torch._dynamo.config.recompile_limit allows")
-            else:
-                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-                context = [line for line in lines if line.startswith("Developer debug context")]
-                reason = (context or lines or [""])[0][:300]
-            raise ValueError(
-                f"torch.compile could not compile this step ({type(error).__name__}: "
-                f"{reason}). Nothing was updated. Build the wrapper with compiled=False (the "
-                "same step in eager autograd)."
-            ) from error
+            raise compile_failure(error, type(self).__name__) from error
         names = [*map(self._support_loss_name, range(self.inner_steps)), "query loss"]
         alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
                      if self.track_alignment else None)
@@ -503,28 +484,6 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             query_loss=None if loss is None else float(loss.detach()), n_support=n_s,
             n_query=n_q, fallback=applied, skipped=not applied,
         )
-
-
-_copies = itertools.count()
-
-
-def _own_code(method: Any) -> Callable[..., Any]:
-    """``method`` (bound) rebuilt on its own copy of the function's code object.
-
-    torch.compile caches compiled graphs per code object, up to ``recompile_limit`` (8) variants;
-    past that, a ``fullgraph=True`` compile fails. With a copy per wrapper, a process that builds
-    many wrappers (a sweep over configurations) gives each its own cache instead of sharing one.
-    """
-    assert isinstance(method, types.MethodType), "a bound method, undecorated"
-    function = method.__func__
-    # A name of its own as well: torch.compile also remembers which dimensions turned out
-    # dynamic per function name and place, and would carry that from one wrapper to the next.
-    code = function.__code__.replace(co_name=f"{function.__name__}_{next(_copies)}")
-    own = types.FunctionType(code, function.__globals__, function.__name__,
-                             function.__defaults__, function.__closure__)
-    own.__kwdefaults__ = function.__kwdefaults__
-    functools.update_wrapper(own, function)
-    return types.MethodType(own, method.__self__)
 
 
 def _as_pair(pair: Any, name: str) -> tuple[Batch, Any]:

@@ -9,7 +9,8 @@ Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
 ``alignment`` (second order, 1 inner step), ``alignment_first_order``, ``alignment_5_inner``,
 ``reweighter`` and ``reweighter_every_5`` (``meta_every=5``, amortised), the same steps written
 with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``, and
-``alignment_compiled`` / ``alignment_first_order_compiled`` (``compiled=True``: compiled once
+``alignment_compiled`` / ``alignment_first_order_compiled`` / ``reweighter_compiled``
+(``compiled=True``: compiled once
 before timing, so the medians are the steady state; the compile time is not in them).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
 Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
@@ -21,6 +22,7 @@ handed back to the system (glibc's ``malloc_trim``).
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -53,6 +55,7 @@ VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
     "torchfunc_reweighter", "alignment_compiled", "alignment_first_order_compiled",
+    "reweighter_compiled",
 )
 INNER_LR = 0.01
 LOOKAHEAD_LR = 0.01
@@ -238,7 +241,8 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         every = 5 if variant == "reweighter_every_5" else 1
         rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
                               weight_lr=0.01, weight_optimizer="sgd",
-                              lookahead_lr=LOOKAHEAD_LR, meta_every=every)
+                              lookahead_lr=LOOKAHEAD_LR, meta_every=every,
+                              compiled=variant.endswith("_compiled"))
 
         def reweight() -> None:
             rw.zero_grad()
@@ -276,7 +280,8 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str
     for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment",
                                        "alignment_compiled")),
                         ("alignment_first_order", ("alignment_first_order_compiled",)),
-                        ("reweighter", ("higher_reweighter", "torchfunc_reweighter"))):
+                        ("reweighter", ("higher_reweighter", "torchfunc_reweighter",
+                                        "reweighter_compiled"))):
         reference, reference_weights = outcome(ours)
         for peer in peers:
             other, other_weights = outcome(peer)
@@ -299,9 +304,12 @@ def _sync(device: torch.device) -> None:
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3,
                      device: torch.device | str = "cpu",
                      per_call: dict[str, int] | None = None) -> dict[str, float]:
-    """Median milliseconds per step of each callable, timed A B A B ... in one process.
+    """Median milliseconds per step of each callable, interleaved in one process.
 
-    ``per_call`` says how many steps one call performs (for amortised variants).
+    Every round runs each callable once, in an order shuffled afresh (seeded) for every round:
+    in a fixed order each variant always follows the same one and inherits its traces (caches,
+    freed memory), which measurably favoured some variants over others. ``per_call`` says how
+    many steps one call performs (for amortised variants).
     """
     device = torch.device(device)
     per_call = per_call or {}
@@ -310,8 +318,11 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
             step()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, step in steps.items():
+        shuffle(order)
+        for name in order:
+            step = steps[name]
             start = time.perf_counter()
             step()
             _sync(device)

@@ -50,3 +50,12 @@ def assert_same_state(before: Any, after: Any) -> None:
             assert_same_state(x, y)
     else:
         assert before == after
+
+
+#: The ways a SampleReweighter can compute its weight gradient, as test parameters.
+REWEIGHTER_MODES = ("reverse", "forward", "compiled")
+
+
+def reweighter_mode(mode: str) -> dict[str, Any]:
+    """SampleReweighter keyword arguments for one of ``REWEIGHTER_MODES``."""
+    return {"compiled": True} if mode == "compiled" else {"weight_grad_mode": mode}

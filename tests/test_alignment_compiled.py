@@ -149,8 +149,8 @@ def test_step_that_does_not_compile_names_the_fix_and_changes_nothing() -> None:
     xs, ys, xq, yq = tiny_batches(seed=29, inputs=4)
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"torch.compile could not compile this step .*"
-                                         r"Nothing was updated. Build the wrapper with "
-                                         r"compiled=False"):
+                                         r"Nothing was updated. Build the "
+                                         r"GradientAlignmentWrapper with compiled=False"):
         aligner.step(support=(xs, ys), query=(xq, yq))
     assert_same_state(before, snapshot(model, opt))
     eager = GradientAlignmentWrapper(model, opt, loss_fn=untraceable_loss)
@@ -280,7 +280,7 @@ def test_recompile_limit_names_the_limit_and_the_fix() -> None:
         before = snapshot(model, opt)
         xs, ys, xq, yq = tiny_batches(seed=43, n_s=5)  # a new shape: a second compile
         with pytest.raises(ValueError, match=r"FailOnRecompileLimitHit: its recompile limit was "
-                                             r"reached.*Nothing was updated. Build the wrapper "
-                                             r"with compiled=False"):
+                                             r"reached.*Nothing was updated. Build the "
+                                             r"GradientAlignmentWrapper with compiled=False"):
             aligner.step(support=(xs, ys), query=(xq, yq))
     assert_same_state(before, snapshot(model, opt))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metafair_opt import SampleReweighter, mean_loss_discrepancy
-from tests.helpers import assert_same_state, snapshot
+from tests.helpers import REWEIGHTER_MODES, assert_same_state, reweighter_mode, snapshot
 
 
 def bn_model(seed: int = 0, classes: int = 2) -> nn.Sequential:
@@ -141,7 +141,7 @@ def trained(seed: int = 6, mode: str = "reverse"):
     model = bn_model(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     rw = SampleReweighter(model, opt, num_samples=100, loss_fn=F.cross_entropy, weight_lr=0.1,
-                          weight_grad_mode=mode)
+                          **reweighter_mode(mode))
     for step in range(2):
         x, y, xv, yv, gv = data(seed=step)
         rw.zero_grad()
@@ -167,9 +167,10 @@ def test_index_out_of_range_names_the_range_and_changes_nothing() -> None:
     assert_same_state(before, snapshot(model, opt, rw))
 
 
+@pytest.mark.parametrize("mode", ["reverse", "compiled"])
 @pytest.mark.parametrize("kind", ["mean_reduced", "no_reduction_argument"])
-def test_loss_without_per_sample_reduction_is_explained(kind: str) -> None:
-    model, opt, rw = trained()
+def test_loss_without_per_sample_reduction_is_explained(kind: str, mode: str) -> None:
+    model, opt, rw = trained(mode=mode)
     if kind == "mean_reduced":
         rw.loss_fn = lambda output, target, reduction="mean": F.cross_entropy(output, target)
         message = ("loss_fn(output, target, reduction='none') must return one loss per sample, "
@@ -185,8 +186,9 @@ def test_loss_without_per_sample_reduction_is_explained(kind: str) -> None:
     assert_same_state(before, snapshot(model, opt, rw))
 
 
-def test_validation_batch_with_one_group_points_to_the_balanced_sampler() -> None:
-    model, opt, rw = trained()
+@pytest.mark.parametrize("mode", ["reverse", "compiled"])
+def test_validation_batch_with_one_group_points_to_the_balanced_sampler(mode: str) -> None:
+    model, opt, rw = trained(mode=mode)
     x, y, xv, yv, _ = data(seed=9)
     before = snapshot(model, opt, rw)
     with pytest.raises(ValueError, match=re.escape(
@@ -198,7 +200,7 @@ def test_validation_batch_with_one_group_points_to_the_balanced_sampler() -> Non
     assert_same_state(before, snapshot(model, opt, rw))
 
 
-@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("mode", REWEIGHTER_MODES)
 @pytest.mark.parametrize(("where", "message"), [
     ("train", "The training loss is a non-finite value"),
     ("val", "The validation loss is a non-finite value"),

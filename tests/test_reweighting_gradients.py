@@ -2,7 +2,8 @@
 
 The weight gradient is read from the table: with ``weight_optimizer="sgd"`` and
 ``weight_lr=1`` a step moves each row by exactly minus its gradient. Both ways of computing it
-(``weight_grad_mode="reverse"``, double backward; ``"forward"``, forward-mode AD) are checked.
+(``weight_grad_mode="reverse"``, double backward; ``"forward"``, forward-mode AD) and the
+compiled ``torch.func`` form (``compiled=True``) are checked.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metafair_opt import SampleReweighter, max_loss_discrepancy, mean_loss_discrepancy
-from tests.helpers import rel_error
+from tests.helpers import REWEIGHTER_MODES, rel_error, reweighter_mode
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
 
@@ -47,7 +48,7 @@ def meta_objective(params0, logits, idx_inverse, batch, lookahead_lr, meta_loss)
     return meta_loss(F.cross_entropy(plain_mlp(adapted, xv), yv, reduction="none"), gv)
 
 
-MODES = pytest.mark.parametrize("mode", ["reverse", "forward"])
+MODES = pytest.mark.parametrize("mode", REWEIGHTER_MODES)
 
 
 def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=None,
@@ -56,7 +57,7 @@ def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=No
     rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.0), num_samples=20,
                           loss_fn=F.cross_entropy, meta_loss=meta_loss, weight_lr=1.0,
                           weight_optimizer="sgd", lookahead_lr=lookahead_lr,
-                          weight_grad_mode=mode)
+                          **reweighter_mode(mode))
     if table is not None:
         rw._table.copy_(table)
     before = rw.weights
@@ -130,7 +131,7 @@ def test_model_update_matches_hand_computation(mode) -> None:
     rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=model_lr),
                           num_samples=20, loss_fn=F.cross_entropy, weight_lr=weight_lr,
                           weight_optimizer="sgd", lookahead_lr=lookahead_lr,
-                          weight_grad_mode=mode)
+                          **reweighter_mode(mode))
     rw._table.copy_(table)
     result = rw.step(x, y, idx, val=(xv, yv, gv))
     for got, want in zip(model.parameters(), expected):
