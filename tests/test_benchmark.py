@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from metafair_opt.benchmark import VARIANTS, check_agreement, make_workload
+from metafair_opt.benchmark import VARIANTS, check_agreement, make_workload, time_interleaved
 from metafair_opt.cli import main
 
 
@@ -19,6 +19,8 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
         "reweighter vs higher_reweighter", "reweighter vs torchfunc_reweighter",
         "reweighter vs higher_reweighter (weight update)",
         "reweighter vs torchfunc_reweighter (weight update)",
+        "reweighter vs reweighter_compiled",
+        "reweighter vs reweighter_compiled (weight update)",
     }
     for key, value in report.items():
         assert not math.isnan(value), key  # NaN: our weight table did not move
@@ -42,3 +44,16 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
         "workload,variant,median_ms,ratio_to_plain,peak_live_mb")
+
+
+def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> None:
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+    medians = time_interleaved(steps, repeats=6, warmup=0)
+    assert set(medians) == set("abcde")
+    rounds = [calls[i:i + 5] for i in range(0, 30, 5)]
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # not one fixed order
+    calls.clear()
+    time_interleaved(steps, repeats=6, warmup=0)
+    assert [calls[i:i + 5] for i in range(0, 30, 5)] == rounds  # seeded: reproducible
