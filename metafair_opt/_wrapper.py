@@ -168,11 +168,13 @@ class MetaOptimizerBase(ABC):
         buffers: Mapping[str, Tensor],
         watched: Sequence[tuple[str, Tensor]] = (),
         sentinel: Tensor | None = None,
+        grads_in_sentinel: bool = False,
     ) -> bool:
         """Synchronise ``grads`` across ranks (under DDP), check the step's losses and
         ``grads``, add ``grads`` to ``p.grad``, step the optimizer (through the scaler, if any),
         then copy ``buffers`` in. Returns whether the step was applied: False only for a
-        loss-scaling overflow, after backing off the scale.
+        loss-scaling overflow, after backing off the scale. ``grads_in_sentinel``: the
+        sentinel is already not finite where a gradient is not, so ``grads`` need no check.
 
         If anything is not finite, or ``optimizer.step()`` raises, the previous gradients are
         put back and nothing else has been touched.
@@ -192,7 +194,8 @@ class MetaOptimizerBase(ABC):
             grads, extra = self._coll.reduce_gradients(grads, self._fmodel.params, extra)
             if extra is not None:
                 sentinel, first_finite = extra[0], extra[1]
-        if check and not self._check_all_finite(watched, grads, sentinel, first_finite):
+        checked = () if grads_in_sentinel else grads
+        if check and not self._check_all_finite(watched, checked, sentinel, first_finite):
             assert scaler is not None and self._scale is not None
             scaler.update(new_scale=self._scale * scaler.get_backoff_factor())
             # As GradScaler's own update after an overflow: growth counts from zero again.

@@ -328,6 +328,9 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 params = tuple(p.requires_grad_(True) for p in params)
             else:
                 params, state = self._inner_update(grads, state, params)
+            # The update's graph does not save the gradients (plain SGD): free them before the
+            # query's forward and backward.
+            del grads
 
         alignment = None
         if self.track_alignment:

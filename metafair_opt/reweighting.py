@@ -388,28 +388,21 @@ class SampleReweighter(MetaOptimizerBase):
         adam_state = (self._adam[rows] if meta_step and self._adam is not None
                       and self.weight_optimizer == "adam" else None)
         if validation is not None and self.compiled:
-            out = self._compiled_outcome(x, y, block[:, _WEIGHT], inverse, adam_state,
-                                         validation)
+            out = self._compiled_outcome(x, y, block, inverse, adam_state, validation)
         else:
-            out = self._eager_outcome(x, y, block[:, _WEIGHT], inverse, adam_state, validation)
+            out = self._eager_outcome(x, y, block, inverse, all_inverse, adam_state, validation,
+                                      n_global)
 
         # Everything was computed without side effects; the optimizer step comes first because
         # it is the one part that can still fail (and then puts the old gradients back).
-        # The final loss is the sentinel: NaN anywhere upstream (losses, meta-loss, weights)
-        # reaches it.
-        if not self._commit(out.final_grads, out.committed, out.watched,
-                            sentinel=out.final_loss):
+        if not self._commit(out.final_grads, out.committed, out.watched, sentinel=out.sentinel,
+                            grads_in_sentinel=out.grads_in_sentinel):
             self.skipped_count += 1
-            return ReweightResult(loss=float(out.final_loss.detach()), meta_loss=float("nan"),
-                                  batch_weights=(out.new_weights.detach() * n_global).cpu(),
-                                  skipped=True)
+            return ReweightResult(loss=float(out.final_loss), meta_loss=float("nan"),
+                                  batch_weights=out.batch_weights.cpu(), skipped=True)
         if out.adam_rows is not None:
-            self._store_adam_rows(rows, out.adam_rows)
-        ema_values = out.weighted_losses.detach() * n_global
-        if coll.distributed:  # every rank keeps the whole batch's moving averages
-            ema_values, found = coll.gather(ema_values), all_inverse
-        self._rows[rows] = self._next_rows(block, out.new_rows, ema_values,
-                                           None if all_inverse is None else found)
+            self._store_adam_rows(rows, out.adam_rows.to(self._rows.device))
+        self._rows[rows] = out.new_block.to(self._rows.device)
         self.step_count += 1
         group_losses: dict[int, float] = {}
         meta_value = float("nan")
@@ -417,15 +410,16 @@ class SampleReweighter(MetaOptimizerBase):
             group_losses = dict(zip(out.group_ids.tolist(), out.group_means.tolist()))
             meta_value = float(out.meta)
         return ReweightResult(
-            loss=float(out.final_loss.detach()),
+            loss=float(out.final_loss),
             meta_loss=meta_value,
-            batch_weights=(out.new_weights.detach() * n_global).cpu(),
+            batch_weights=out.batch_weights.cpu(),
             group_losses=group_losses,
         )
 
     def _eager_outcome(
-        self, x: Batch, y: Any, current: Tensor, inverse: Tensor | slice | None,
-        adam_state: Tensor | None, validation: tuple[Batch, Any, Tensor] | None,
+        self, x: Batch, y: Any, block: Tensor, inverse: Tensor | slice | None,
+        all_inverse: Tensor | None, adam_state: Tensor | None,
+        validation: tuple[Batch, Any, Tensor] | None, n_global: int,
     ) -> _Outcome:
         """The step in eager autograd: one training forward serves the look-ahead gradient
         (on a meta step) and the final weighted gradient."""
@@ -438,6 +432,7 @@ class SampleReweighter(MetaOptimizerBase):
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
         adam_rows: Tensor | None = None
         meta = group_ids = group_means = None
+        current = block[:, _WEIGHT]
         if validation is not None:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
                 theta, losses, current, inverse, (x, y, rng), *validation
@@ -454,14 +449,22 @@ class SampleReweighter(MetaOptimizerBase):
         weighted_losses = new_weights * losses
         final_loss = weighted_losses.sum()
         final_grads = torch.autograd.grad(self._scaled(final_loss), theta, allow_unused=True)
-        return _Outcome(final_grads, committed, watched, final_loss, new_weights,
-                        weighted_losses, new_rows, adam_rows, meta, group_ids, group_means)
+        ema_values = weighted_losses.detach() * n_global
+        if coll.distributed:  # every rank keeps the whole batch's moving averages
+            ema_values = coll.gather(ema_values)
+        new_block = self._next_rows(block, new_rows, ema_values, all_inverse)
+        # final_loss is the sentinel: NaN anywhere upstream (losses, meta-loss, weights)
+        # reaches it.
+        return _Outcome(final_grads, committed, watched, final_loss.detach(), final_loss, False,
+                        new_weights.detach() * n_global, new_block, adam_rows, meta, group_ids,
+                        group_means)
 
     def _compiled_outcome(
-        self, x: Batch, y: Any, current: Tensor, inverse: Tensor | slice | None,
+        self, x: Batch, y: Any, block: Tensor, inverse: Tensor | slice | None,
         adam_state: Tensor | None, validation: tuple[Batch, Any, Tensor],
     ) -> _Outcome:
-        """A meta step's :class:`_Outcome`, computed by the compiled ``torch.func`` form."""
+        """A meta step's :class:`_Outcome`, computed by the compiled ``torch.func`` form (one
+        process: ``inverse`` is None or the tensor of each sample's row)."""
         fm = self._fmodel
         device = fm.params[0].device
         if self._compiled_meta_step is None:
@@ -470,37 +473,36 @@ class SampleReweighter(MetaOptimizerBase):
         # The look-ahead step size as a tensor: a float would be baked into the graph, and a
         # learning-rate schedule would then recompile the step each time it changes the rate.
         step = torch.tensor(self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0),
-                            device=device, dtype=current.dtype)
+                            device=device, dtype=block.dtype)
         try:
-            (final_grads, committed, losses, val_losses, meta, row_grads, new_rows, adam_rows,
-             new_weights, group_ids, group_means) = self._compiled_meta_step(
-                tuple(p.detach() for p in fm.params),
-                dict(fm.module.named_buffers()) if fm.buffer_names else {}, x, y,
-                current.to(device), inverse, None if adam_state is None else adam_state.to(device),
-                x_val, y_val, g_val.to(device), step)
+            (final_grads, committed, losses, val_losses, meta, row_grads, final_loss, sentinel,
+             batch_weights, new_block, adam_rows, group_ids, group_means) = (
+                self._compiled_meta_step(
+                    tuple(p.detach() for p in fm.params),
+                    dict(fm.module.named_buffers()) if fm.buffer_names else {}, x, y,
+                    block.to(device), inverse,
+                    None if adam_state is None else adam_state.to(device),
+                    x_val, y_val, g_val.to(device), step))
         except COMPILE_FAILURES as error:
             # A trace that stops on an exception reports only "Observed exception": take the
             # eager step (nothing committed), so that a bad input raises the eager step's own
             # error; if it runs, torch.compile could not handle the step.
-            self._eager_outcome(x, y, current, inverse, adam_state, validation)
+            self._eager_outcome(x, y, block, inverse, inverse, adam_state, validation,
+                                block.shape[0] if inverse is None else inverse.numel())
             raise compile_failure(error, type(self).__name__) from error
         self._check_groups(group_ids)
-        weighted_losses = new_weights * losses
-        return _Outcome(
-            final_grads, committed,
-            [("training loss", losses), ("validation loss", val_losses), ("meta-loss", meta),
-             ("meta-gradient of the batch's weights", row_grads)],
-            weighted_losses.sum(), new_weights, weighted_losses,
-            new_rows.to(current.device),
-            None if adam_rows is None else adam_rows.to(current.device),
-            meta, group_ids, group_means)
+        watched = [("training loss", losses), ("validation loss", val_losses),
+                   ("meta-loss", meta), ("meta-gradient of the batch's weights", row_grads)]
+        return _Outcome(final_grads, committed, watched, final_loss, sentinel, True,
+                        batch_weights, new_block, adam_rows, meta, group_ids, group_means)
 
     def _functional_meta_step(
         self, theta: tuple[Tensor, ...], buffers: dict[str, Tensor], x: Batch, y: Any,
-        current: Tensor, inverse: Tensor | None, adam_state: Tensor | None, x_val: Batch,
+        block: Tensor, inverse: Tensor | None, adam_state: Tensor | None, x_val: Batch,
         y_val: Any, g_val: Tensor, step: Tensor,
     ) -> tuple[Any, ...]:
-        """A meta step written with ``torch.func`` so that ``torch.compile`` traces all of it.
+        """A meta step written with ``torch.func`` so that ``torch.compile`` traces all of it,
+        the bookkeeping (finiteness, the rows' next moving averages) included.
 
         The training forward runs once, under ``torch.func.vjp``; its pullback gives the
         look-ahead gradient (differentiated with respect to the weight logits by the
@@ -526,13 +528,22 @@ class SampleReweighter(MetaOptimizerBase):
             meta, ids, means = self._meta_loss_of(val_losses, g_val)
             return meta, (meta, val_losses, ids, means)
 
+        current = block[:, _WEIGHT]
         row_grads, (meta, val_losses, ids, means) = torch.func.grad(
             meta_loss, has_aux=True)(current)
         new_rows, adam_rows = self._updated_rows(current, row_grads, adam_state)
         new_weights = torch.softmax(_take(new_rows, inverse), dim=0)
         (final_grads,) = pullback(new_weights)
-        return (final_grads, committed, losses, val_losses, meta, row_grads, new_rows,
-                adam_rows, new_weights, ids, means)
+        weighted_losses = new_weights * losses
+        final_loss = weighted_losses.sum()
+        # Not finite when the final loss or any gradient is not (no reduction that could
+        # overflow): the commit's one check then covers everything.
+        finite = torch.stack([g.isfinite().all() for g in final_grads]).all()
+        sentinel = torch.where(finite, final_loss, torch.nan)
+        n = losses.shape[0]
+        new_block = self._next_rows(block, new_rows, weighted_losses * n, inverse)
+        return (final_grads, committed, losses, val_losses, meta, row_grads, final_loss,
+                sentinel, new_weights * n, new_block, adam_rows, ids, means)
 
     def _meta_gradient(
         self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
@@ -566,6 +577,7 @@ class SampleReweighter(MetaOptimizerBase):
                                     torch._foreach_add(theta, grads, alpha=step))
         else:
             theta_tilde = tuple(torch._foreach_add(theta, grads, alpha=step))
+        del grads  # the look-ahead's graph does not save them: free them for what follows
 
         scratch = fm.clone_buffers() if fm.buffer_names else {}
         val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
@@ -579,9 +591,13 @@ class SampleReweighter(MetaOptimizerBase):
         # the ranks' gradients: divide by the world size.
         target = self._scaled(meta / coll.world_size if coll.exact else meta)
         if forward:
+            v = self._unscaled(torch.autograd.grad(target, theta_tilde, materialize_grads=True))
+            # Drop the look-ahead parameters, and the validation graph that holds on to them,
+            # before the forward-mode pass.
+            meta, val_losses, means = meta.detach(), val_losses.detach(), means.detach()
+            del target, theta_tilde
             row_grads = self._forward_row_gradients(
-                target, theta, theta_tilde, weights.detach(), step, logits, inverse, scratch,
-                train)
+                v, theta, weights.detach(), step, logits, inverse, scratch, train)
         else:
             (row_grads,) = self._unscaled(torch.autograd.grad(
                 target, logits, retain_graph=True, allow_unused=True))
@@ -610,20 +626,19 @@ class SampleReweighter(MetaOptimizerBase):
             )
 
     def _forward_row_gradients(
-        self, target: Tensor, theta: tuple[Tensor, ...], theta_tilde: tuple[Tensor, ...],
+        self, v: Sequence[Tensor], theta: tuple[Tensor, ...],
         weights: Tensor, step: float, logits: Tensor, inverse: Tensor | slice | None,
         scratch: dict[str, Tensor], train: tuple[Batch, Any, RngSnapshot | None],
     ) -> Tensor:
         """The meta-loss's gradient on the batch's rows without a second-order graph.
 
-        With ``v`` the meta-loss's gradient at the look-ahead parameters and
+        With ``v`` the meta-loss's gradient at the look-ahead parameters (this rank's) and
         ``theta~ = theta + step * sum_j s_j grad l_j(theta)``, the meta-loss changes with the
         normalised weight ``s_j`` at the rate ``step * <grad l_j(theta), v>``: the directional
         derivatives of the training losses along ``v``, one forward-mode pass for the whole
         batch. The softmax's backward maps them to the logits.
         """
         coll = self._coll
-        v = self._unscaled(torch.autograd.grad(target, theta_tilde, materialize_grads=True))
         v = tuple(t.detach() for t in coll.sum_differentiable(v))  # exact: every rank's rows
         x, y, rng = train
         assert rng is not None  # taken before the training forward whenever the mode is forward
@@ -800,7 +815,10 @@ class SampleReweighter(MetaOptimizerBase):
             row_values, counts = values, 1.0
         else:  # duplicates in the batch
             inverse = inverse.to(block.device)
-            counts = torch.bincount(inverse, minlength=block.shape[0]).to(block.dtype)
+            # index_add rather than bincount: its output size does not depend on the data,
+            # which a compiled graph needs.
+            counts = values.new_zeros(block.shape[0]).index_add_(0, inverse,
+                                                                  torch.ones_like(values))
             row_values = values.new_zeros(block.shape[0]).index_add_(0, inverse, values) / counts
         previous = block[:, _EMA]
         blended = torch.lerp(row_values, previous, self.ema_decay)  # NaN where never seen
@@ -815,10 +833,11 @@ class _Outcome:
     final_grads: Sequence[Tensor | None]
     committed: dict[str, Tensor]  # the buffers after the training forward
     watched: list[tuple[str, Tensor]]  # the step's losses and weight gradients, named
-    final_loss: Tensor
-    new_weights: Tensor  # the batch's normalised weights under the updated table
-    weighted_losses: Tensor
-    new_rows: Tensor  # the batch rows' new weight logits
+    final_loss: Tensor  # detached
+    sentinel: Tensor  # not finite when anything upstream of the final loss is not
+    grads_in_sentinel: bool  # ... and when a gradient is not
+    batch_weights: Tensor  # the normalised weights under the updated table, uniform = 1
+    new_block: Tensor  # the batch rows' next (weight, moving average, count)
     adam_rows: Tensor | None
     meta: Tensor | None  # None on a step without a weight update
     group_ids: Tensor | None
