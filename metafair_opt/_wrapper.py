@@ -35,6 +35,7 @@ class MetaOptimizerBase(ABC):
     check_finite: bool
     step_count: int
     grad_scaler: torch.amp.GradScaler | None
+    compiled: bool
 
     def _attach(
         self,
@@ -56,6 +57,17 @@ class MetaOptimizerBase(ABC):
             else None
         self._scale: float | None = None
         self._scaler_started = False
+
+    def _set_compiled(self, compiled: bool) -> None:
+        """Take ``compiled`` (after :meth:`_attach`), refusing what the compiled step lacks."""
+        self.compiled = bool(compiled)
+        if self.compiled and (self.grad_scaler is not None or self._coll.distributed):
+            raise ValueError(
+                f"compiled=True works in one process without loss scaling; build the "
+                f"{type(self).__name__} with compiled=False for grad_scaler or a "
+                "DistributedDataParallel model (or use bfloat16 autocast, which needs no "
+                "scaler)."
+            )
 
     # ------------------------------------------------------------------- loss scaling
     def _begin_step(self) -> None:

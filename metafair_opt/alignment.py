@@ -154,13 +154,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         self.fallback_count = 0
         self.skipped_count = 0
         self._warned_empty = False
-        self.compiled = bool(compiled)
-        if self.compiled and (self.grad_scaler is not None or self._coll.distributed):
-            raise ValueError(
-                "compiled=True works in one process without loss scaling; build the wrapper "
-                "with compiled=False for grad_scaler or a DistributedDataParallel model (or "
-                "use bfloat16 autocast, which needs no scaler)."
-            )
+        self._set_compiled(compiled)
         self._compiled_meta_gradient: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ torch.optim interface

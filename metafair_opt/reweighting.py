@@ -182,14 +182,7 @@ class SampleReweighter(MetaOptimizerBase):
                 f"{weight_grad_mode!r}."
             )
         self._attach(model, optimizer, grad_scaler, sync)
-        self.compiled = bool(compiled)
-        if self.compiled and (self.grad_scaler is not None or self._coll.distributed):
-            raise ValueError(
-                "compiled=True works in one process without loss scaling; build the "
-                "SampleReweighter with compiled=False for grad_scaler or a "
-                "DistributedDataParallel model (or use bfloat16 autocast, which needs no "
-                "scaler)."
-            )
+        self._set_compiled(compiled)
         if self.compiled and weight_grad_mode == "forward":
             raise ValueError(
                 "compiled=True takes the weight gradient in reverse mode; use "

@@ -59,3 +59,16 @@ REWEIGHTER_MODES = ("reverse", "forward", "compiled")
 def reweighter_mode(mode: str) -> dict[str, Any]:
     """SampleReweighter keyword arguments for one of ``REWEIGHTER_MODES``."""
     return {"compiled": True} if mode == "compiled" else {"weight_grad_mode": mode}
+
+
+class TwoHeads(nn.Module):
+    """A body with two heads of which ``forward`` uses one: the other's parameters are not
+    reached by any loss (3 inputs, 4 hidden units, ``outputs`` outputs)."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.used, self.unused = nn.Linear(4, outputs), nn.Linear(4, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(torch.tanh(self.body(x)))

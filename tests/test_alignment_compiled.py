@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from metafair_opt import GradientAlignmentWrapper
-from tests.helpers import assert_same_state, rel_error, snapshot
+from tests.helpers import TwoHeads, assert_same_state, rel_error, snapshot
 from tests.test_alignment_gradients import (
     bce,
     hand_meta_gradient,
@@ -228,18 +228,10 @@ def test_compiled_dropout_draws_as_eager_mode_does() -> None:
 def test_compiled_gives_unreached_parameters_a_zero_gradient() -> None:
     """The documented difference: torch.func fills the gradient of a parameter the step does
     not reach with zeros, where the eager step leaves it None."""
-    class TwoHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.used, self.unused = nn.Linear(3, 4), nn.Linear(4, 1), nn.Linear(4, 1)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.used(torch.tanh(self.body(x)))
-
     grads = {}
     for compiled in (False, True):
         torch.manual_seed(39)
-        model = TwoHeads().double()
+        model = TwoHeads(outputs=1).double()
         grads[compiled] = compiled_meta_gradient(model, tiny_batches(seed=40)) if compiled \
             else wrapper_meta_gradient(model, tiny_batches(seed=40))
     assert grads[False][-1] is None and grads[False][-2] is None
@@ -252,7 +244,8 @@ def test_compiled_is_refused_with_a_grad_scaler() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     with pytest.raises(ValueError, match="compiled=True works in one process without loss "
-                                         "scaling; build the wrapper with compiled=False"):
+                                         "scaling; build the GradientAlignmentWrapper with "
+                                         "compiled=False"):
         GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True, grad_scaler=scaler)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from metafair_opt import SampleReweighter, max_loss_discrepancy
-from tests.helpers import assert_same_state, snapshot
+from tests.helpers import TwoHeads, assert_same_state, snapshot
 from tests.test_reweighting_gradients import NormDropoutNet, data
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
@@ -120,19 +120,11 @@ def test_a_learning_rate_schedule_does_not_recompile() -> None:
 def test_compiled_gives_unreached_parameters_a_zero_gradient() -> None:
     """The documented difference: torch.func fills the gradient of a parameter the step does
     not reach with zeros, where the eager step leaves it None."""
-    class TwoHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.used, self.unused = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.used(torch.tanh(self.body(x)))
-
     x, y, xv, yv, gv = data(seed=52)
     grads = {}
     for compiled in (False, True):
         torch.manual_seed(53)
-        model = TwoHeads().double()
+        model = TwoHeads(outputs=2).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         rw = SampleReweighter(model, opt, num_samples=8, loss_fn=F.cross_entropy,
                               compiled=compiled)
