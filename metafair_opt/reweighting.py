@@ -136,11 +136,14 @@ class SampleReweighter(MetaOptimizerBase):
             eager mode); faster where each operation's fixed cost dominates (small models; the
             README gives the measured figures). The weight gradient is taken in reverse mode
             (``weight_grad_mode`` must be ``"auto"`` or ``"reverse"``), through the pullback
-            of the one training forward. The first step compiles (tens of seconds on a small
-            MLP), a new batch size or a first batch with repeated indices compiles once more.
+            of the one training forward. The first step compiles (about 10 s on a small MLP);
+            a new training or validation batch size, a first batch with repeated indices, the
+            first step with Adam state and a switch between train and eval mode each compile
+            once more (torch.compile allows 8 variants, ``torch._dynamo.config.recompile_limit``).
             Needs a C++ compiler on CPU (Triton on CUDA); refused with ``grad_scaler`` or under
             DDP. The plain weighted steps between weight updates (``meta_every > 1``) stay
-            eager. A parameter the step does not reach gets a zero gradient instead of none.
+            eager. A parameter the step does not reach gets a zero gradient instead of none
+            (so momentum, Adam or weight decay still move it, unlike in eager mode).
             A step torch.compile cannot trace raises a ValueError that points to
             ``compiled=False`` and changes nothing; in torch 2.15 that happens with dropout
             and a batch size that changes (dropout under ``torch.func`` with dynamic shapes).
@@ -386,16 +389,25 @@ class SampleReweighter(MetaOptimizerBase):
             out = self._eager_outcome(x, y, block, inverse, all_inverse, adam_state, validation,
                                       n_global)
 
-        # Everything was computed without side effects; the optimizer step comes first because
-        # it is the one part that can still fail (and then puts the old gradients back).
+        # Everything was computed without side effects, the tables' new values on the table's
+        # device included; the optimizer step comes first because it is the one part that can
+        # still fail (and then puts the old gradients back).
+        new_block = out.new_block.to(self._rows.device)
+        adam_update: tuple[Tensor, Tensor] | None = None
+        if out.adam_rows is not None:
+            # Created lazily (rows never updated keep zero state), and stored only on success.
+            table = self._adam if self._adam is not None else torch.zeros_like(self._rows)
+            adam_update = (table, out.adam_rows.to(self._rows.device))
         if not self._commit(out.final_grads, out.committed, out.watched, sentinel=out.sentinel,
                             grads_in_sentinel=out.grads_in_sentinel):
             self.skipped_count += 1
             return ReweightResult(loss=float(out.final_loss), meta_loss=float("nan"),
                                   batch_weights=out.batch_weights.cpu(), skipped=True)
-        if out.adam_rows is not None:
-            self._store_adam_rows(rows, out.adam_rows.to(self._rows.device))
-        self._rows[rows] = out.new_block.to(self._rows.device)
+        if adam_update is not None:
+            table, values = adam_update
+            table[rows] = values
+            self._adam = table
+        self._rows[rows] = new_block
         self.step_count += 1
         group_losses: dict[int, float] = {}
         meta_value = float("nan")
@@ -478,10 +490,12 @@ class SampleReweighter(MetaOptimizerBase):
                     x_val, y_val, g_val.to(device), step))
         except COMPILE_FAILURES as error:
             # A trace that stops on an exception reports only "Observed exception": take the
-            # eager step (nothing committed), so that a bad input raises the eager step's own
-            # error; if it runs, torch.compile could not handle the step.
-            self._eager_outcome(x, y, block, inverse, inverse, adam_state, validation,
-                                block.shape[0] if inverse is None else inverse.numel())
+            # eager step (nothing committed, the random generators put back), so that a bad
+            # input raises the eager step's own error; if it runs, torch.compile could not
+            # handle the step.
+            with _replaying(_rng_snapshot(device)):
+                self._eager_outcome(x, y, block, inverse, inverse, adam_state, validation,
+                                    block.shape[0] if inverse is None else inverse.numel())
             raise compile_failure(error, type(self).__name__) from error
         self._check_groups(group_ids)
         watched = [("training loss", losses), ("validation loss", val_losses),
@@ -792,11 +806,6 @@ class SampleReweighter(MetaOptimizerBase):
         corrected_sq = exp_avg_sq / (1 - beta2 ** steps)
         new_rows = current - self.weight_lr * corrected_avg / (corrected_sq.sqrt() + self.adam_eps)
         return new_rows, torch.stack([exp_avg, exp_avg_sq, steps], dim=1)
-
-    def _store_adam_rows(self, rows: Tensor, values: Tensor) -> None:
-        if self._adam is None:  # lazily created: rows never seen keep zero state
-            self._adam = torch.zeros_like(self._rows)
-        self._adam[rows] = values
 
     def _next_rows(self, block: Tensor, weights: Tensor, values: Tensor,
                    inverse: Tensor | None) -> Tensor:

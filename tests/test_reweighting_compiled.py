@@ -139,7 +139,7 @@ def test_compiled_gives_unreached_parameters_a_zero_gradient() -> None:
 def test_meta_loss_that_does_not_compile_names_the_fix_and_changes_nothing() -> None:
     """A meta-loss that breaks the graph (here on purpose; in practice code torch.compile cannot
     trace) cannot become one graph: the step says so, points to compiled=False, and leaves the
-    model, optimizer and tables as they were."""
+    model, optimizer, tables and random generator as they were."""
     def untraceable(losses: Tensor, groups: Tensor) -> Tensor:
         torch._dynamo.graph_break()  # a no-op in eager mode
         return max_loss_discrepancy(losses, groups)
@@ -150,12 +150,15 @@ def test_meta_loss_that_does_not_compile_names_the_fix_and_changes_nothing() -> 
     rw = SampleReweighter(model, opt, num_samples=40, loss_fn=F.cross_entropy,
                           meta_loss=untraceable, compiled=True)
     x, y, idx, val = batches(1)[0]
-    before = snapshot(model, opt, rw)
+    before, draws = snapshot(model, opt, rw), torch.get_rng_state()
     with pytest.raises(ValueError, match=r"torch.compile could not compile this step .*"
                                          r"Nothing was updated. Build the SampleReweighter "
                                          r"with compiled=False"):
         rw.step(x, y, idx, val=val)
     assert_same_state(before, snapshot(model, opt, rw))
+    # The eager re-run that looks for an input error drew dropout masks: the generator is put
+    # back, so a run that goes on with compiled=False draws what it would have drawn.
+    assert torch.equal(torch.get_rng_state(), draws)
     rw.compiled = False  # the same step in eager autograd runs
     assert rw.step(x, y, idx, val=val).meta_loss >= 0
 
