@@ -322,8 +322,9 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 params = tuple(p.requires_grad_(True) for p in params)
             else:
                 params, state = self._inner_update(grads, state, params)
-            # The update's graph does not save the gradients (plain SGD): free them before the
-            # query's forward and backward.
+            # An SGD update's graph does not save the gradients: free them before the query's
+            # forward and backward (an optimizer state that keeps them, such as momentum, still
+            # holds its own reference).
             del grads
 
         alignment = None

@@ -10,8 +10,8 @@ Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
 ``reweighter`` and ``reweighter_every_5`` (``meta_every=5``, amortised), the same steps written
 with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``, and
 ``alignment_compiled`` / ``alignment_first_order_compiled`` / ``reweighter_compiled``
-(``compiled=True``: compiled once
-before timing, so the medians are the steady state; the compile time is not in them).
+(``compiled=True``: compiled once before timing, so the medians are the steady state; the
+compile time is not in them).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
 Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
 CPU, where torch keeps no allocator statistics, the step's peak resident memory above the RSS
