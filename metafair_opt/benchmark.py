@@ -11,7 +11,8 @@ Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
 with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``, and
 ``alignment_compiled`` / ``alignment_first_order_compiled`` / ``reweighter_compiled``
 (``compiled=True``: compiled once before timing, so the medians are the steady state; the
-compile time is not in them).
+compile time is not in them), and ``reweighter_recompute`` (``recompute_forward=True``: the
+training forward run again instead of kept through the validation pass).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
 Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
 CPU, where torch keeps no allocator statistics, the step's peak resident memory above the RSS
@@ -55,7 +56,7 @@ VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
     "torchfunc_reweighter", "alignment_compiled", "alignment_first_order_compiled",
-    "reweighter_compiled",
+    "reweighter_compiled", "reweighter_recompute",
 )
 INNER_LR = 0.01
 LOOKAHEAD_LR = 0.01
@@ -242,7 +243,8 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
                               weight_lr=0.01, weight_optimizer="sgd",
                               lookahead_lr=LOOKAHEAD_LR, meta_every=every,
-                              compiled=variant.endswith("_compiled"))
+                              compiled=variant.endswith("_compiled"),
+                              recompute_forward=variant.endswith("_recompute"))
 
         def reweight() -> None:
             rw.zero_grad()
@@ -281,7 +283,7 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str
                                        "alignment_compiled")),
                         ("alignment_first_order", ("alignment_first_order_compiled",)),
                         ("reweighter", ("higher_reweighter", "torchfunc_reweighter",
-                                        "reweighter_compiled"))):
+                                        "reweighter_compiled", "reweighter_recompute"))):
         reference, reference_weights = outcome(ours)
         for peer in peers:
             other, other_weights = outcome(peer)

@@ -52,13 +52,18 @@ def assert_same_state(before: Any, after: Any) -> None:
         assert before == after
 
 
-#: The ways a SampleReweighter can compute its weight gradient, as test parameters.
-REWEIGHTER_MODES = ("reverse", "forward", "compiled")
+#: The ways a SampleReweighter can compute its weight gradient, as test parameters
+#: ("recompute": the forward mode with ``recompute_forward=True``).
+REWEIGHTER_MODES = ("reverse", "forward", "recompute", "compiled")
 
 
 def reweighter_mode(mode: str) -> dict[str, Any]:
     """SampleReweighter keyword arguments for one of ``REWEIGHTER_MODES``."""
-    return {"compiled": True} if mode == "compiled" else {"weight_grad_mode": mode}
+    if mode == "compiled":
+        return {"compiled": True}
+    if mode == "recompute":
+        return {"weight_grad_mode": "forward", "recompute_forward": True}
+    return {"weight_grad_mode": mode}
 
 
 class TwoHeads(nn.Module):

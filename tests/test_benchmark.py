@@ -21,6 +21,8 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
         "reweighter vs torchfunc_reweighter (weight update)",
         "reweighter vs reweighter_compiled",
         "reweighter vs reweighter_compiled (weight update)",
+        "reweighter vs reweighter_recompute",
+        "reweighter vs reweighter_recompute (weight update)",
     }
     for key, value in report.items():
         assert not math.isnan(value), key  # NaN: our weight table did not move

@@ -39,7 +39,8 @@ def make_wrapper(kind: str, model: nn.Module, optimizer, scaler=None):
     return SampleReweighter(model, optimizer, num_samples=N, loss_fn=F.cross_entropy,
                             meta_loss="max_loss_discrepancy", weight_lr=0.1,
                             grad_scaler=scaler,
-                            weight_grad_mode="forward" if kind.endswith("forward") else "reverse")
+                            weight_grad_mode="reverse" if kind == "reweighter" else "forward",
+                            recompute_forward=kind.endswith("recompute"))
 
 
 def run_step(kind: str, wrapper, x, y, groups, idx=None):
@@ -49,7 +50,8 @@ def run_step(kind: str, wrapper, x, y, groups, idx=None):
     return wrapper.step(x, y, idx, val=(x, y, groups))
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
+                                  "reweighter-recompute"])
 def test_scaled_steps_equal_unscaled_steps_in_float64(kind: str) -> None:
     x, y, groups = make_data(torch.float64)
     finals = {}
@@ -73,7 +75,8 @@ def test_scaled_steps_equal_unscaled_steps_in_float64(kind: str) -> None:
         torch.testing.assert_close(finals[False][1], finals[True][1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
+                                  "reweighter-recompute"])
 def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> None:
     x, y, groups = make_data()
     model = make_model()
@@ -115,7 +118,8 @@ def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> N
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
+                                  "reweighter-recompute"])
 def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -> None:
     x, y, groups = make_data()
     x[3, 0] = float("nan")
@@ -131,7 +135,8 @@ def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
+                                  "reweighter-recompute"])
 def test_float16_meta_gradients_stay_close_to_float32(kind: str) -> None:
     """Measured: relative error about 1e-3 (float16 keeps 11 bits of mantissa)."""
     x, y, groups = make_data()

@@ -35,13 +35,15 @@ def test_no_tensor_growth_over_many_steps(variant: str) -> None:
     assert_no_growth(step)
 
 
-def test_no_tensor_growth_with_the_forward_mode_weight_gradient() -> None:
+@pytest.mark.parametrize("recompute", [False, True])
+def test_no_tensor_growth_with_the_forward_mode_weight_gradient(recompute: bool) -> None:
     from metafair_opt import SampleReweighter
 
     w = make_workload("mlp")
     model = w.model(torch.device("cpu"))
     rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=1e-3), num_samples=256,
-                          loss_fn=w.loss, weight_grad_mode="forward")
+                          loss_fn=w.loss, weight_grad_mode="forward",
+                          recompute_forward=recompute)
     idx = torch.arange(256)
 
     def step() -> None:

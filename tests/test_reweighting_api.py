@@ -255,6 +255,21 @@ def test_forward_mode_without_forward_ad_points_to_reverse_mode() -> None:
     assert reverse.step(x, y, torch.arange(16), val=(xv, yv, gv)).meta_loss > 0
 
 
+@pytest.mark.parametrize("mode", [{"weight_grad_mode": "reverse"}, {"compiled": True}])
+def test_recompute_forward_is_refused_with_the_reverse_mode(mode: dict) -> None:
+    model = bn_model()
+    with pytest.raises(ValueError, match=re.escape(
+            "recompute_forward=True frees the training graph between the forward-mode weight "
+            "gradient's passes; the reverse mode (weight_grad_mode='reverse', and compiled=True) "
+            "needs that graph until the weight gradient is taken. Use weight_grad_mode='auto' "
+            "or 'forward' with compiled=False, or recompute_forward=False.")):
+        SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=4,
+                         loss_fn=F.cross_entropy, recompute_forward=True, **mode)
+    # With "auto" it takes the forward mode whatever the model's size.
+    assert SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=4,
+                            loss_fn=F.cross_entropy, recompute_forward=True)._forward_mode
+
+
 def test_unknown_weight_grad_mode_is_rejected() -> None:
     model = bn_model()
     with pytest.raises(ValueError, match="weight_grad_mode must be 'auto', 'reverse' or "

@@ -8,6 +8,8 @@ compiled ``torch.func`` form (``compiled=True``) are checked.
 
 from __future__ import annotations
 
+import weakref
+
 import higher
 import pytest
 import torch
@@ -205,26 +207,31 @@ def test_forward_and_reverse_modes_agree_with_batchnorm_dropout_and_repeats(
     x, y, xv, yv, gv = data(seed=11, n=8, n_val=10)
     idx = torch.tensor([3, 7, 7, 0, 12, 5, 3, 19])
     outcomes = {}
-    for mode in ("reverse", "forward"):
+    for mode in ("reverse", "forward", "recompute"):
         torch.manual_seed(12)
         model = NormDropoutNet().double().train()
         rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
                               num_samples=20, loss_fn=F.cross_entropy,
                               weight_optimizer=weight_optimizer, weight_lr=0.5,
-                              lookahead_lr=0.4, reverse_lookahead=True, weight_grad_mode=mode)
+                              lookahead_lr=0.4, reverse_lookahead=True, **reweighter_mode(mode))
         for _ in range(3):
             rw.zero_grad()
             rw.step(x, y, idx, val=(xv, yv, gv))
         outcomes[mode] = (rw.to_frame(), [t.detach().clone() for t in model.state_dict().values()],
                           torch.rand(3))
-    (f_rev, s_rev, r_rev), (f_fwd, s_fwd, r_fwd) = outcomes["reverse"], outcomes["forward"]
+    f_rev, s_rev, r_rev = outcomes["reverse"]
     assert (f_rev["weight"] != 0).sum() == 6  # the rows moved, so the comparison means something
-    assert float((f_rev["weight"] - f_fwd["weight"]).abs().max()) < 1e-12
-    assert float((f_rev["ema_weighted_loss"] - f_fwd["ema_weighted_loss"]).abs().max()) < 1e-12
-    assert (f_rev["times_seen"] == f_fwd["times_seen"]).all()
-    for a, b in zip(s_rev, s_fwd):
-        assert torch.allclose(a, b, rtol=0, atol=1e-12)
-    assert torch.equal(r_rev, r_fwd)  # the replayed draws leave the generator where it was
+    for mode in ("forward", "recompute"):
+        f_fwd, s_fwd, r_fwd = outcomes[mode]
+        assert float((f_rev["weight"] - f_fwd["weight"]).abs().max()) < 1e-12
+        assert float((f_rev["ema_weighted_loss"] - f_fwd["ema_weighted_loss"]).abs().max()) \
+            < 1e-12
+        assert (f_rev["times_seen"] == f_fwd["times_seen"]).all()
+        # The parameters (the final gradient: recomputed with the same dropout masks) and the
+        # running statistics (moved once per step, not once per forward).
+        for a, b in zip(s_rev, s_fwd):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        assert torch.equal(r_rev, r_fwd)  # the replayed draws leave the generator where it was
 
 
 def test_auto_mode_picks_forward_for_large_models_only() -> None:
@@ -236,3 +243,46 @@ def test_auto_mode_picks_forward_for_large_models_only() -> None:
     rw = SampleReweighter(large, torch.optim.SGD(large.parameters(), lr=0.1), num_samples=4,
                           loss_fn=F.cross_entropy)
     assert rw._forward_mode
+
+
+def forwards_and_kept_activations(recompute: bool) -> tuple[list[int], list[tuple[int, ...]]]:
+    """One forward-mode step: the batch size of every forward through the model, and the shapes
+    of the tensors saved for backward that are still alive when the validation forward starts."""
+    x, y, xv, yv, gv = data(seed=14)
+    model = tiny_model(seed=15)
+    rows_seen: list[int] = []
+    saved: list[weakref.ref] = []
+    alive_at_validation: list[list[tuple[int, ...]]] = []
+
+    def count_rows(_module, args, _output) -> None:
+        rows_seen.append(args[0].shape[0])
+
+    def at_validation(_module, args) -> None:
+        if args[0].shape[0] == xv.shape[0] and not alive_at_validation:
+            alive_at_validation.append([tuple(t.shape) for r in saved
+                                        if (t := r()) is not None])
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(weakref.ref(t))
+        return t
+
+    model.register_forward_hook(count_rows)
+    model.register_forward_pre_hook(at_validation)
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=20,
+                          loss_fn=F.cross_entropy, weight_optimizer="sgd",
+                          weight_grad_mode="forward", recompute_forward=recompute)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rw.step(x, y, torch.arange(8), val=(xv, yv, gv))
+    return rows_seen, alive_at_validation[0]
+
+
+def test_recompute_forward_runs_the_training_forward_again_and_frees_its_graph() -> None:
+    """recompute_forward=True: on a weight-updating step the training batch goes through the
+    model three times (the step's forward, the forward-mode pass, the recomputation) instead of
+    twice, and the hidden activations the first forward saved for backward are released before
+    the validation forward (kept without it)."""
+    hidden = (8, 4)  # the tanh output of the training batch, saved by tanh and the 2nd Linear
+    rows_seen, alive = forwards_and_kept_activations(recompute=False)
+    assert rows_seen == [8, 10, 8] and hidden in alive
+    rows_seen, alive = forwards_and_kept_activations(recompute=True)
+    assert rows_seen == [8, 10, 8, 8] and hidden not in alive
