@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--batch-size", type=int, default=None)
     vision.add_argument("--lr", type=float, default=None)
     vision.add_argument("--weight-lr", type=float, default=0.01)
+    vision.add_argument("--recompute-forward", action="store_true",
+                        help="forml: run the training forward again for the final gradient "
+                             "instead of keeping its graph (about half the step's peak memory)")
     vision.add_argument("--inner-lr", type=float, default=0.01)
     vision.add_argument("--inner-steps", type=int, default=1)
     vision.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
@@ -251,7 +254,8 @@ def _vision(args: argparse.Namespace, command: str) -> None:
         config = VisionConfig(
             dataset=args.dataset, method=args.method, root=args.root, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, weight_lr=args.weight_lr,
-            inner_lr=args.inner_lr, inner_steps=args.inner_steps, device=args.device,
+            recompute_forward=args.recompute_forward, inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps, device=args.device,
             amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
             workers=args.workers, seed=seed,
             max_steps_per_epoch=args.max_steps_per_epoch, checkpoint=checkpoint,

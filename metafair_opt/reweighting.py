@@ -12,7 +12,8 @@ group-balanced validation batch:
    ``w[idx]``;
 4. the weight update on those table rows (SGD or lazily-initialised per-row Adam);
 5. the real update: the weighted loss under the new weights, at the original theta, through the
-   user's optimizer. The training forward of step 1 serves both gradients.
+   user's optimizer. The training forward of step 1 serves both gradients (with
+   ``recompute_forward=True`` it is run again for this one instead of kept).
 
 Why Adam on the weights by default: the meta-gradient on one weight is about
 ``lookahead_lr * <grad of the meta-loss, grad of that sample's loss> / batch size``, tiny and
@@ -447,7 +448,8 @@ class SampleReweighter(MetaOptimizerBase):
         validation: tuple[Batch, Any, Tensor] | None, n_global: int,
     ) -> _Outcome:
         """The step in eager autograd: one training forward serves the look-ahead gradient
-        (on a meta step) and the final weighted gradient."""
+        (on a meta step) and the final weighted gradient, unless ``recompute_forward`` has it
+        run again for the final one."""
         fm, coll = self._fmodel, self._coll
         committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params

@@ -215,6 +215,60 @@ def test_non_finite_loss_raises_and_changes_nothing(where: str, message: str, mo
     assert_same_state(before, snapshot(model, opt, rw))
 
 
+class InfiniteGradientForUnequalWeights(torch.autograd.Function):
+    """The identity on per-sample losses, whose backward is infinite when the per-sample weights
+    coming back are not all equal: a fresh table's uniform weights give a finite look-ahead
+    gradient, the updated (unequal) weights an infinite final gradient, and every loss, the
+    meta-loss and the weight gradient stay finite."""
+
+    @staticmethod
+    def forward(losses: Tensor) -> Tensor:
+        return losses.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        unequal = (grad.max() > grad.min()).to(grad.dtype)
+        return grad / (1.0 - unequal)
+
+
+class InfiniteGradientWithJvp(InfiniteGradientForUnequalWeights):
+    """The same with a jvp (the identity), for the forward-mode weight gradient; torch.compile
+    refuses a Function with a custom jvp, so the compiled mode uses the one without."""
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return tangent
+
+
+@pytest.mark.parametrize("mode", REWEIGHTER_MODES)
+def test_non_finite_final_gradient_with_finite_losses_raises_and_changes_nothing(
+    mode: str,
+) -> None:
+    function = (InfiniteGradientForUnequalWeights if mode in ("compiled", "reverse")
+                else InfiniteGradientWithJvp)
+
+    def loss_fn(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        losses = F.cross_entropy(output, target, reduction=reduction)
+        # The training batch only (16 rows; the validation batch has 12).
+        return function.apply(losses) if len(target) == 16 else losses
+
+    model = bn_model(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rw = SampleReweighter(model, opt, num_samples=100, loss_fn=loss_fn, weight_lr=0.5,
+                          **reweighter_mode(mode))
+    x, y, xv, yv, gv = data(seed=4)
+    before = snapshot(model, opt, rw)
+    with pytest.raises(FloatingPointError, match=re.escape(
+            "The gradient to apply holds NaN or inf values although the losses are finite. "
+            "Nothing was updated.")):
+        rw.step(x, y, torch.arange(16), val=(xv, yv, gv))
+    assert_same_state(before, snapshot(model, opt, rw))
+
+
 class SquareWithoutJvp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

@@ -75,6 +75,7 @@ class VisionConfig:
     meta_loss: str | None = None
     min_per_group: int | None = None
     weight_lr: float = 0.01
+    recompute_forward: bool = False
     inner_lr: float = 0.01
     inner_steps: int = 1
     device: str = "auto"
@@ -95,6 +96,12 @@ class VisionConfig:
                              f"{sorted(DATASET_DEFAULTS)}.")
         if self.method not in ("baseline", "forml", "faalgrad"):
             raise ValueError(f"method must be baseline, forml or faalgrad; got {self.method!r}.")
+        if self.recompute_forward and self.method != "forml":
+            raise ValueError(
+                f"recompute_forward applies to FORML's reweighter only; method={self.method!r} "
+                "has no training forward to recompute. Drop --recompute-forward or use "
+                "--method forml."
+            )
         defaults = DATASET_DEFAULTS[self.dataset]
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else
                       getattr(self, k)) for k in asdict(self)}
@@ -193,6 +200,7 @@ class _Run:
                                             num_samples=len(self.train_set),
                                             loss_fn=F.cross_entropy, meta_loss=cfg.meta_loss,
                                             weight_lr=cfg.weight_lr,
+                                            recompute_forward=cfg.recompute_forward,
                                             grad_scaler=self.scaler)
         elif cfg.method == "faalgrad":
             self.wrapper = GradientAlignmentWrapper(self.model, self.optimizer,
@@ -345,6 +353,7 @@ class _Run:
 
 #: Settings that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = {"epochs", "resume", "checkpoint", "workers", "device", "quiet",
+                      "recompute_forward",  # the same steps, computed with less memory
                       "amp_dtype"}  # compared as the resolved autocast dtype instead
 
 
