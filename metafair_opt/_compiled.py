@@ -6,12 +6,13 @@ from __future__ import annotations
 import functools
 import itertools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["COMPILE_FAILURES", "compile_failure", "compile_method"]
+__all__ = ["COMPILE_FAILURES", "check_against_eager", "compile_failure", "compile_method"]
 
 #: What a ``fullgraph=True`` call raises when torch.compile cannot handle the step.
 COMPILE_FAILURES: tuple[type[BaseException], ...] = (
@@ -62,3 +63,52 @@ def compile_failure(error: BaseException, owner: str) -> ValueError:
         f"Nothing was updated. Build the {owner} with compiled=False (the same step in eager "
         "autograd)."
     )
+
+
+#: Largest relative difference (L2, over all tensors together) between a compiled step's
+#: results and eager autograd's that :func:`check_against_eager` accepts: rounding moves them
+#: by about 1e-6 in float32; what it guards against moves them by tens of percent.
+AGREEMENT_TOLERANCE = 1e-3
+#: The same under float16 or bfloat16 autocast, where both round far more.
+LOW_PRECISION_AGREEMENT_TOLERANCE = 5e-2
+
+
+def check_against_eager(compiled: Sequence[Sequence[Tensor | None]],
+                        eager: Sequence[Sequence[Tensor | None]], what: str, owner: str) -> None:
+    """Raise a ValueError unless each group of ``compiled`` results (``None`` counts as zeros)
+    equals the same group of ``eager`` results to rounding; ``what`` names the groups.
+
+    Run on a wrapper's first compiled step: torch.compile (2.15) does not differentiate every
+    operation as eager autograd does; a custom ``torch.autograd.Function``'s backward, for one,
+    is not differentiated again, so a second-order term silently vanishes. Groups whose eager
+    values are not finite are skipped: the step's own finiteness check reports them.
+    """
+    device = next(t for group in eager for t in group if t is not None).device
+    low_precision = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(
+        device.type) in (torch.float16, torch.bfloat16)
+    tolerance = LOW_PRECISION_AGREEMENT_TOLERANCE if low_precision else AGREEMENT_TOLERANCE
+    for name, ours, reference in zip(what.split(", "), compiled, eager):
+        pairs = [(a, b) for a, b in zip(ours, reference) if a is not None or b is not None]
+        with torch.no_grad():
+            gap = torch.stack([(_dense(a, b) - _dense(b, a)).double().norm() for a, b in pairs])
+            size = torch.stack([_dense(b, a).double().norm() for a, b in pairs])
+            gap_norm, size_norm = float(gap.norm()), float(size.norm())
+        if not torch.isfinite(torch.tensor(size_norm)):
+            continue
+        relative = gap_norm / size_norm if size_norm > 0 else gap_norm
+        if not relative <= tolerance:
+            raise ValueError(
+                f"compiled=True computed a different {name} from eager autograd on the first "
+                f"step (relative difference {relative:.3g}, more than rounding). torch.compile "
+                "does not differentiate every operation as eager autograd does: a custom "
+                "torch.autograd.Function's backward, for one, is not differentiated again. "
+                f"Nothing was updated. Build the {owner} with compiled=False."
+            )
+
+
+def _dense(value: Tensor | None, like: Tensor | None) -> Tensor:
+    """``value``, or zeros shaped as ``like`` where it is None."""
+    if value is not None:
+        return value.detach()
+    assert like is not None
+    return torch.zeros_like(like)

@@ -21,12 +21,18 @@ import torch
 import torchopt
 from torch import Tensor, nn
 
-from metafair_opt._compiled import COMPILE_FAILURES, compile_failure, compile_method
+from metafair_opt._compiled import (
+    COMPILE_FAILURES,
+    check_against_eager,
+    compile_failure,
+    compile_method,
+)
 from metafair_opt._functional import (
     Batch,
     check_same_batch_size,
     select_rows,
 )
+from metafair_opt._random import replaying, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.splits import SplitStrategy, as_row_vector
@@ -95,7 +101,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             as empty on all (``on_empty`` applies everywhere); ``alignment`` is per rank.
         compiled: compute the meta-gradient with ``torch.func`` transforms compiled by
             ``torch.compile(fullgraph=True)`` (one graph for the inner steps, the query loss and
-            the backward through both) instead of eager autograd. Same result up to rounding
+            the backward through both) instead of eager autograd. The first compiled step also
+            runs the eager step and raises a ValueError (nothing updated) if the meta-gradients
+            differ past rounding: torch.compile does not differentiate everything as eager
+            autograd does (a custom ``torch.autograd.Function``'s backward is not differentiated
+            again in torch 2.15). Same result up to rounding
             (dropout draws from torch's generator, as in eager mode); faster where each
             operation's fixed cost dominates (small models; the README gives the measured
             figures). The first step compiles (tens of seconds on a small MLP, minutes on a
@@ -156,6 +166,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         self._warned_empty = False
         self._set_compiled(compiled)
         self._compiled_meta_gradient: Callable[..., Any] | None = None
+        self._compiled_checked = False  # the first compiled step is compared with eager's
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
@@ -350,6 +361,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         if self._compiled_meta_gradient is None:
             self._compiled_meta_gradient = compile_method(self._functional_meta_gradient)
         theta0 = tuple(p.detach() for p in fm.params)
+        before = rng_snapshot(theta0[0].device) if not self._compiled_checked else None
         try:
             meta_grads, losses = self._compiled_meta_gradient(
                 theta0, scratch, committed, x_s, y_s, x_q, y_q)
@@ -359,6 +371,13 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             # the eager step's own error; if it runs, torch.compile could not handle the step.
             self._meta_gradient(x_s, y_s, x_q, y_q, shares)
             raise compile_failure(error, type(self).__name__) from error
+        if before is not None:
+            # The first compiled step is checked against the eager one (same random draws).
+            with replaying(before):
+                eager_grads = self._meta_gradient(x_s, y_s, x_q, y_q, shares)[0]
+            check_against_eager([meta_grads], [eager_grads], "meta-gradient",
+                                type(self).__name__)
+            self._compiled_checked = True
         names = [*map(self._support_loss_name, range(self.inner_steps)), "query loss"]
         alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
                      if self.track_alignment else None)

@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--weight-lr", type=float, default=0.01)
     vision.add_argument("--recompute-forward", action="store_true",
                         help="forml: run the training forward again for the final gradient "
-                             "instead of keeping its graph (about half the step's peak memory)")
+                             "instead of keeping its graph (less peak memory, one more forward)")
     vision.add_argument("--inner-lr", type=float, default=0.01)
     vision.add_argument("--inner-steps", type=int, default=1)
     vision.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")

@@ -37,12 +37,18 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
-from metafair_opt._compiled import COMPILE_FAILURES, compile_failure, compile_method
+from metafair_opt._compiled import (
+    COMPILE_FAILURES,
+    check_against_eager,
+    compile_failure,
+    compile_method,
+)
 from metafair_opt._functional import (
     Batch,
     batch_size,
     check_same_batch_size,
 )
+from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
@@ -134,16 +140,19 @@ class SampleReweighter(MetaOptimizerBase):
             as the look-ahead gradient is taken and run the training forward once more (same
             buffers and random draws) for the final gradient: the step's peak then holds one
             batch's saved activations instead of the training and the validation batch's
-            together (on the benchmark's ResNet-18 the peak falls to about the plain step's),
-            for one more forward's time. Needs the forward-mode weight gradient (with
-            ``weight_grad_mode="auto"`` it takes it whatever the model's size; refused with
-            ``"reverse"``, whose second-order graph holds the training forward anyway, and
-            with ``compiled=True``).
+            together (on the benchmark's ResNet-18 from 1.8x to 1.3x the plain step's peak),
+            for one more forward's time (there 12 % more). Needs the forward-mode weight
+            gradient (with ``weight_grad_mode="auto"`` it takes it whatever the model's size;
+            refused with ``"reverse"``, whose second-order graph holds the training forward
+            anyway, and with ``compiled=True``).
         compiled: compute each weight-updating step with ``torch.func`` transforms compiled by
             ``torch.compile(fullgraph=True)``: one graph for the training forward, the
             look-ahead, the validation loss, the weight gradient and update, and the final
-            gradient. Same result up to rounding (dropout draws from torch's generator as in
-            eager mode); faster where each operation's fixed cost dominates (small models; the
+            gradient. The first compiled step also runs the eager step and raises a ValueError
+            (nothing updated) if the weight or final gradients differ past rounding (a custom
+            ``torch.autograd.Function``'s backward is not differentiated again by torch.compile
+            in torch 2.15). Same result up to rounding (dropout draws from torch's generator as
+            in eager mode); faster where each operation's fixed cost dominates (small models; the
             README gives the measured figures). The weight gradient is taken in reverse mode
             (``weight_grad_mode`` must be ``"auto"`` or ``"reverse"``), through the pullback
             of the one training forward. The first step compiles (about 10 s on a small MLP);
@@ -213,6 +222,7 @@ class SampleReweighter(MetaOptimizerBase):
                 "recompute_forward=False."
             )
         self._compiled_meta_step: Callable[..., Any] | None = None
+        self._compiled_checked = False  # the first compiled step is compared with eager's
         self.weight_grad_mode: WeightGradMode = weight_grad_mode
         size = sum(p.numel() for p in self._fmodel.params)
         self._forward_mode = not self.compiled and (
@@ -453,7 +463,7 @@ class SampleReweighter(MetaOptimizerBase):
         fm, coll = self._fmodel, self._coll
         committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params
-        rng = (_rng_snapshot(theta[0].device) if validation is not None and self._forward_mode
+        rng = (rng_snapshot(theta[0].device) if validation is not None and self._forward_mode
                else None)
         losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
@@ -476,7 +486,7 @@ class SampleReweighter(MetaOptimizerBase):
             # The look-ahead freed the first forward's graph: the same forward again (its
             # buffer updates discarded, its random draws replayed) for the final gradient.
             assert rng is not None
-            with _replaying(rng):
+            with replaying(rng):
                 losses = self._per_sample_losses(
                     fm(theta, fm.clone_buffers() if fm.buffer_names else {}, x), y,
                     "training loss")
@@ -509,6 +519,8 @@ class SampleReweighter(MetaOptimizerBase):
         # learning-rate schedule would then recompile the step each time it changes the rate.
         step = torch.tensor(self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0),
                             device=device, dtype=block.dtype)
+        n_global = block.shape[0] if inverse is None else inverse.numel()
+        before = rng_snapshot(device) if not self._compiled_checked else None
         try:
             (final_grads, committed, losses, val_losses, meta, row_grads, final_loss, sentinel,
              batch_weights, new_block, adam_rows, group_ids, group_means) = (
@@ -523,10 +535,19 @@ class SampleReweighter(MetaOptimizerBase):
             # eager step (nothing committed, the random generators put back), so that a bad
             # input raises the eager step's own error; if it runs, torch.compile could not
             # handle the step.
-            with _replaying(_rng_snapshot(device)):
+            with replaying(rng_snapshot(device)):
                 self._eager_outcome(x, y, block, inverse, inverse, adam_state, validation,
-                                    block.shape[0] if inverse is None else inverse.numel())
+                                    n_global)
             raise compile_failure(error, type(self).__name__) from error
+        if before is not None:
+            # The first compiled step is checked against the eager one (same random draws).
+            with replaying(before):
+                eager = self._eager_outcome(x, y, block, inverse, inverse, adam_state,
+                                            validation, n_global)
+            check_against_eager([[row_grads], final_grads], [[eager.watched[3][1]],
+                                                             eager.final_grads],
+                                "weight gradient, final gradient", type(self).__name__)
+            self._compiled_checked = True
         self._check_groups(group_ids)
         watched = [("training loss", losses), ("validation loss", val_losses),
                    ("meta-loss", meta), ("meta-gradient of the batch's weights", row_grads)]
@@ -681,7 +702,7 @@ class SampleReweighter(MetaOptimizerBase):
         assert rng is not None  # taken before the training forward whenever the mode is forward
         # Replay the training forward's random draws (dropout) so the derivatives are those of
         # the very losses the step weights; the generators continue as if nothing ran here.
-        with _replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level():
+        with replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level():
             duals = _make_duals(theta, v)
             try:
                 output = self._fmodel(duals, scratch, x)
@@ -915,29 +936,6 @@ def _without_float16_autocast(device: torch.device) -> Iterator[None]:
         with torch.autocast(device.type, enabled=False):
             yield
     else:
-        yield
-
-
-RngSnapshot = tuple[torch.device, Tensor, Tensor | None]
-
-
-def _rng_snapshot(device: torch.device) -> RngSnapshot:
-    """The CPU generator's state and, for an accelerator, ``device``'s."""
-    accelerator = None if device.type == "cpu" else getattr(torch, device.type).get_rng_state(
-        device)
-    return device, torch.get_rng_state(), accelerator
-
-
-@contextmanager
-def _replaying(snapshot: RngSnapshot) -> Iterator[None]:
-    """Run the block with the generators at ``snapshot``; restore their states afterwards."""
-    device, cpu, accelerator = snapshot
-    devices = [] if accelerator is None else [device]
-    with torch.random.fork_rng(devices=devices, device_type=device.type
-                               if accelerator is not None else "cuda"):
-        torch.set_rng_state(cpu)
-        if accelerator is not None:
-            getattr(torch, device.type).set_rng_state(accelerator, device)
         yield
 
 

@@ -77,3 +77,32 @@ class TwoHeads(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.used(torch.tanh(self.body(x)))
+
+
+class CustomSquare(torch.autograd.Function):
+    """``x * x`` as a custom autograd.Function (``setup_context`` style, as torch.func needs)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class SquaredHidden(nn.Module):
+    """Linear, :class:`CustomSquare`, Linear (``inputs`` in, ``outputs`` out): a model whose
+    second derivatives run through a custom Function's backward."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(inputs, 8), nn.Linear(8, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(CustomSquare.apply(self.first(x)))

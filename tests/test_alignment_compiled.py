@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from metafair_opt import GradientAlignmentWrapper
-from tests.helpers import TwoHeads, assert_same_state, rel_error, snapshot
+from tests.helpers import SquaredHidden, TwoHeads, assert_same_state, rel_error, snapshot
 from tests.test_alignment_gradients import (
     bce,
     hand_meta_gradient,
@@ -155,6 +155,29 @@ def test_step_that_does_not_compile_names_the_fix_and_changes_nothing() -> None:
     assert_same_state(before, snapshot(model, opt))
     eager = GradientAlignmentWrapper(model, opt, loss_fn=untraceable_loss)
     assert eager.step(support=(xs, ys), query=(xq, yq)).query_loss is not None
+
+
+def test_a_compiled_meta_gradient_that_differs_from_eager_is_refused_on_the_first_step() -> None:
+    """torch.compile (2.15) does not differentiate a custom autograd.Function's backward again,
+    so the second-order term through it vanishes: the first compiled step is checked against
+    the eager one, and here it is refused with nothing changed."""
+    torch.manual_seed(31)
+    model = SquaredHidden(4, 1)
+    opt = momentum_state(model)
+    xs, ys, xq, yq = tiny_batches(seed=32, inputs=4)
+    aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.5, compiled=True)
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"compiled=True computed a different meta-gradient "
+                                         r"from eager autograd on the first step \(relative "
+                                         r"difference .*Nothing was updated. Build the "
+                                         r"GradientAlignmentWrapper with compiled=False."):
+        aligner.step(support=(xs, ys), query=(xq, yq))
+    assert_same_state(before, snapshot(model, opt))
+    # First order has no second derivative to lose: it compiles, is checked and runs.
+    first_order = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.5,
+                                           first_order=True, compiled=True)
+    assert first_order.step(support=(xs, ys), query=(xq, yq)).query_loss is not None
+    assert first_order._compiled_checked
 
 
 def test_compiled_nan_loss_names_the_loss_and_changes_nothing() -> None:

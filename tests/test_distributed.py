@@ -64,12 +64,13 @@ def single_process(kind: str, steps: int = worker.STEPS):
     return model, wrapper
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward"])
+@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
+                                  "reweighter-recompute"])
 def test_exact_sync_on_two_ranks_equals_one_process_on_the_concatenated_batches(
     kind: str, tmp_path: Path
 ) -> None:
     """reweighter-forward: the forward-mode weight gradient on two ranks against the one-process
-    reverse mode."""
+    reverse mode; reweighter-recompute: the same with recompute_forward=True."""
     scenario = kind.replace("-", "-exact-") if "-" in kind else f"{kind}-exact"
     kind = kind.split("-")[0]
     ranks = launch(scenario, tmp_path)

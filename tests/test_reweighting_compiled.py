@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
 from metafair_opt import SampleReweighter, max_loss_discrepancy
-from tests.helpers import TwoHeads, assert_same_state, snapshot
+from tests.helpers import SquaredHidden, TwoHeads, assert_same_state, snapshot
 from tests.test_reweighting_gradients import NormDropoutNet, data
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
@@ -161,6 +161,30 @@ def test_meta_loss_that_does_not_compile_names_the_fix_and_changes_nothing() -> 
     assert torch.equal(torch.get_rng_state(), draws)
     rw.compiled = False  # the same step in eager autograd runs
     assert rw.step(x, y, idx, val=val).meta_loss >= 0
+
+
+def test_a_compiled_weight_gradient_that_differs_from_eager_is_refused_on_the_first_step(
+) -> None:
+    """torch.compile (2.15) does not differentiate a custom autograd.Function's backward again,
+    so the reverse-mode weight gradient through it vanishes: the first compiled step is checked
+    against the eager one, and here it is refused with nothing changed (the random generator
+    included); eager mode runs the same step."""
+    torch.manual_seed(55)
+    model = SquaredHidden(3, 2).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    rw = SampleReweighter(model, opt, num_samples=40, loss_fn=F.cross_entropy, weight_lr=0.5,
+                          compiled=True)
+    x, y, idx, val = batches(1)[0]
+    before, draws = snapshot(model, opt, rw), torch.get_rng_state()
+    with pytest.raises(ValueError, match=re.escape(
+            "compiled=True computed a different weight gradient from eager autograd on the "
+            "first step (relative difference ") + r"0\.\d+, more than rounding\)\. .*"
+            + re.escape("Nothing was updated. Build the SampleReweighter with compiled=False.")):
+        rw.step(x, y, idx, val=val)
+    assert_same_state(before, snapshot(model, opt, rw))
+    assert torch.equal(torch.get_rng_state(), draws)
+    rw.compiled = False
+    assert rw.step(x, y, idx, val=val).batch_weights.std() > 0  # the weights did move
 
 
 def test_compiled_is_refused_with_a_grad_scaler_or_the_forward_mode() -> None:
