@@ -544,7 +544,8 @@ class SampleReweighter(MetaOptimizerBase):
             with replaying(before):
                 eager = self._eager_outcome(x, y, block, inverse, inverse, adam_state,
                                             validation, n_global)
-            check_against_eager([[row_grads], final_grads], [[eager.watched[3][1]],
+            eager_row_grads = dict(eager.watched)["meta-gradient of the batch's weights"]
+            check_against_eager([[row_grads], final_grads], [[eager_row_grads],
                                                              eager.final_grads],
                                 "weight gradient, final gradient", type(self).__name__)
             self._compiled_checked = True
