@@ -70,31 +70,38 @@ def compile_failure(error: BaseException, owner: str) -> ValueError:
 #: results and eager autograd's that :func:`check_against_eager` accepts: rounding moves them
 #: by about 1e-6 in float32; what it guards against moves them by tens of percent.
 AGREEMENT_TOLERANCE = 1e-3
-#: The same under float16 or bfloat16 autocast, where both round far more.
+#: The same for float16 or bfloat16 (autocast or parameters), where both round far more.
 LOW_PRECISION_AGREEMENT_TOLERANCE = 5e-2
 
 
 def check_against_eager(compiled: Sequence[Sequence[Tensor | None]],
-                        eager: Sequence[Sequence[Tensor | None]], what: str, owner: str) -> None:
+                        eager: Sequence[Sequence[Tensor | None]], what: str, owner: str) -> bool:
     """Raise a ValueError unless each group of ``compiled`` results (``None`` counts as zeros)
     equals the same group of ``eager`` results to rounding; ``what`` names the groups.
 
     Run on a wrapper's first compiled step: torch.compile (2.15) does not differentiate every
     operation as eager autograd does; a custom ``torch.autograd.Function``'s backward, for one,
     is not differentiated again, so a second-order term silently vanishes. Groups whose eager
-    values are not finite are skipped: the step's own finiteness check reports them.
+    values are not finite cannot be compared (the step's own finiteness check reports them):
+    returns whether every group was compared.
     """
-    device = next(t for group in eager for t in group if t is not None).device
-    low_precision = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(
-        device.type) in (torch.float16, torch.bfloat16)
+    tensors = [t for group in eager for t in group if t is not None]
+    device = tensors[0].device
+    low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors) or (
+        torch.is_autocast_enabled(device.type)
+        and torch.get_autocast_dtype(device.type) in (torch.float16, torch.bfloat16))
     tolerance = LOW_PRECISION_AGREEMENT_TOLERANCE if low_precision else AGREEMENT_TOLERANCE
-    for name, ours, reference in zip(what.split(", "), compiled, eager):
-        pairs = [(a, b) for a, b in zip(ours, reference) if a is not None or b is not None]
+    compared_all = True
+    for name, ours, reference in zip(what.split(", "), compiled, eager, strict=True):
+        pairs = [(a, b) for a, b in zip(ours, reference, strict=True)
+                 if a is not None or b is not None]
         with torch.no_grad():
-            gap = torch.stack([(_dense(a, b) - _dense(b, a)).double().norm() for a, b in pairs])
+            gap = torch.stack([(_dense(a, b).double() - _dense(b, a).double()).norm()
+                               for a, b in pairs])
             size = torch.stack([_dense(b, a).double().norm() for a, b in pairs])
             gap_norm, size_norm = float(gap.norm()), float(size.norm())
         if not math.isfinite(size_norm):
+            compared_all = False
             continue
         relative = gap_norm / size_norm if size_norm > 0 else gap_norm
         if not relative <= tolerance:
@@ -105,6 +112,7 @@ def check_against_eager(compiled: Sequence[Sequence[Tensor | None]],
                 "torch.autograd.Function's backward, for one, is not differentiated again. "
                 f"Nothing was updated. Build the {owner} with compiled=False."
             )
+    return compared_all
 
 
 def _dense(value: Tensor | None, like: Tensor | None) -> Tensor:

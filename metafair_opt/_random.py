@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["RngSnapshot", "replaying", "rng_snapshot", "seeded_generator"]
+__all__ = ["RngSnapshot", "replaying", "restore_rng", "rng_snapshot", "seeded_generator"]
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
@@ -32,14 +32,20 @@ def rng_snapshot(device: torch.device) -> RngSnapshot:
     return device, torch.get_rng_state(), accelerator
 
 
+def restore_rng(snapshot: RngSnapshot) -> None:
+    """Put the generators back to ``snapshot``."""
+    device, cpu, accelerator = snapshot
+    torch.set_rng_state(cpu)
+    if accelerator is not None:
+        getattr(torch, device.type).set_rng_state(accelerator, device)
+
+
 @contextmanager
 def replaying(snapshot: RngSnapshot) -> Iterator[None]:
     """Run the block with the generators at ``snapshot``; restore their states afterwards."""
-    device, cpu, accelerator = snapshot
+    device, _, accelerator = snapshot
     devices = [] if accelerator is None else [device]
     with torch.random.fork_rng(devices=devices, device_type=device.type
                                if accelerator is not None else "cuda"):
-        torch.set_rng_state(cpu)
-        if accelerator is not None:
-            getattr(torch, device.type).set_rng_state(accelerator, device)
+        restore_rng(snapshot)
         yield

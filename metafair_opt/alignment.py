@@ -32,7 +32,7 @@ from metafair_opt._functional import (
     check_same_batch_size,
     select_rows,
 )
-from metafair_opt._random import replaying, rng_snapshot
+from metafair_opt._random import replaying, restore_rng, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.splits import SplitStrategy, as_row_vector
@@ -300,10 +300,12 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         return tuple(torchopt.apply_updates(params, updates, inplace=False)), state
 
     def _meta_gradient(
-        self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any, shares: tuple[float, float]
+        self, x_s: Batch, y_s: Any, x_q: Batch, y_q: Any, shares: tuple[float, float],
+        with_alignment: bool = True,
     ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor], list[tuple[str, Tensor]],
                float | None]:
-        """The meta-gradient, the buffers to commit, the named losses and the alignment."""
+        """The meta-gradient, the buffers to commit, the named losses and the alignment (with
+        ``track_alignment``, unless ``with_alignment`` is False)."""
         fm = self._fmodel
         theta0 = fm.params
         has_buffers = bool(fm.buffer_names)
@@ -339,7 +341,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             del grads
 
         alignment = None
-        if self.track_alignment:
+        if self.track_alignment and with_alignment:
             alignment = self._alignment(grad_s0, x_s, y_s, x_q, y_q, scratch)
 
         query_loss = self._loss(fm(params, committed, x_q), y_q, "query loss")
@@ -372,12 +374,17 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             self._meta_gradient(x_s, y_s, x_q, y_q, shares)
             raise compile_failure(error, type(self).__name__) from error
         if before is not None:
-            # The first compiled step is checked against the eager one (same random draws).
+            # The first compiled step is checked against the eager one, with the same random
+            # draws (without the alignment, which the compiled step computes afterwards).
             with replaying(before):
-                eager_grads = self._meta_gradient(x_s, y_s, x_q, y_q, shares)[0]
-            check_against_eager([meta_grads], [eager_grads], "meta-gradient",
-                                type(self).__name__)
-            self._compiled_checked = True
+                eager_grads = self._meta_gradient(x_s, y_s, x_q, y_q, shares,
+                                                  with_alignment=False)[0]
+            try:
+                self._compiled_checked = check_against_eager(
+                    [meta_grads], [eager_grads], "meta-gradient", type(self).__name__)
+            except ValueError:
+                restore_rng(before)  # the compiled step's draws are undone too
+                raise
         names = [*map(self._support_loss_name, range(self.inner_steps)), "query loss"]
         alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
                      if self.track_alignment else None)

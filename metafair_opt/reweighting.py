@@ -48,7 +48,7 @@ from metafair_opt._functional import (
     batch_size,
     check_same_batch_size,
 )
-from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
+from metafair_opt._random import RngSnapshot, replaying, restore_rng, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
@@ -477,7 +477,7 @@ class SampleReweighter(MetaOptimizerBase):
             # Each rank's gradient on the rows of its own samples, summed over ranks.
             row_grads = coll.sum(row_grads)
             watched += [("validation loss", val_losses), ("meta-loss", meta),
-                        ("meta-gradient of the batch's weights", row_grads)]
+                        (_WEIGHT_GRADIENT, row_grads)]
             new_rows, adam_rows = self._updated_rows(current, row_grads.to(current.device),
                                                      adam_state)
         else:
@@ -544,14 +544,17 @@ class SampleReweighter(MetaOptimizerBase):
             with replaying(before):
                 eager = self._eager_outcome(x, y, block, inverse, inverse, adam_state,
                                             validation, n_global)
-            eager_row_grads = dict(eager.watched)["meta-gradient of the batch's weights"]
-            check_against_eager([[row_grads], final_grads], [[eager_row_grads],
-                                                             eager.final_grads],
-                                "weight gradient, final gradient", type(self).__name__)
-            self._compiled_checked = True
+            try:
+                self._compiled_checked = check_against_eager(
+                    [[row_grads], final_grads],
+                    [[dict(eager.watched)[_WEIGHT_GRADIENT]], eager.final_grads],
+                    "weight gradient, final gradient", type(self).__name__)
+            except ValueError:
+                restore_rng(before)  # the compiled step's draws are undone too
+                raise
         self._check_groups(group_ids)
         watched = [("training loss", losses), ("validation loss", val_losses),
-                   ("meta-loss", meta), ("meta-gradient of the batch's weights", row_grads)]
+                   ("meta-loss", meta), (_WEIGHT_GRADIENT, row_grads)]
         return _Outcome(final_grads, committed, watched, final_loss, sentinel, True,
                         batch_weights, new_block, adam_rows, meta, group_ids, group_means)
 
@@ -899,6 +902,7 @@ class _Outcome:
 
 
 _WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
+_WEIGHT_GRADIENT = "meta-gradient of the batch's weights"  # its name among a step's values
 
 
 def _packed(like: Tensor, *columns: Tensor) -> Tensor:

@@ -97,12 +97,13 @@ class CustomSquare(torch.autograd.Function):
 
 
 class SquaredHidden(nn.Module):
-    """Linear, :class:`CustomSquare`, Linear (``inputs`` in, ``outputs`` out): a model whose
-    second derivatives run through a custom Function's backward."""
+    """Linear, :class:`CustomSquare`, dropout, Linear (``inputs`` in, ``outputs`` out): a model
+    whose second derivatives run through a custom Function's backward."""
 
-    def __init__(self, inputs: int, outputs: int) -> None:
+    def __init__(self, inputs: int, outputs: int, dropout: float = 0.25) -> None:
         super().__init__()
         self.first, self.second = nn.Linear(inputs, 8), nn.Linear(8, outputs)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.second(CustomSquare.apply(self.first(x)))
+        return self.second(self.dropout(CustomSquare.apply(self.first(x))))

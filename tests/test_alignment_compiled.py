@@ -160,24 +160,48 @@ def test_step_that_does_not_compile_names_the_fix_and_changes_nothing() -> None:
 def test_a_compiled_meta_gradient_that_differs_from_eager_is_refused_on_the_first_step() -> None:
     """torch.compile (2.15) does not differentiate a custom autograd.Function's backward again,
     so the second-order term through it vanishes: the first compiled step is checked against
-    the eager one, and here it is refused with nothing changed."""
+    the eager one, and here it is refused with nothing changed (the random generator, which
+    the model's dropout draws from, included). A first step that fails on a NaN input compares
+    nothing, so the check waits for the next step."""
     torch.manual_seed(31)
     model = SquaredHidden(4, 1)
     opt = momentum_state(model)
     xs, ys, xq, yq = tiny_batches(seed=32, inputs=4)
     aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.5, compiled=True)
-    before = snapshot(model, opt)
+    before, draws = snapshot(model, opt), torch.get_rng_state()
+    nan_xs = xs.clone()
+    nan_xs[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="The support loss at inner step 1 of 1 is nan"):
+        aligner.step(support=(nan_xs, ys), query=(xq, yq))
+    assert not aligner._compiled_checked
+    draws = torch.get_rng_state()
     with pytest.raises(ValueError, match=r"compiled=True computed a different meta-gradient "
                                          r"from eager autograd on the first step \(relative "
                                          r"difference .*Nothing was updated. Build the "
                                          r"GradientAlignmentWrapper with compiled=False."):
         aligner.step(support=(xs, ys), query=(xq, yq))
     assert_same_state(before, snapshot(model, opt))
+    assert torch.equal(torch.get_rng_state(), draws)
     # First order has no second derivative to lose: it compiles, is checked and runs.
     first_order = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.5,
                                            first_order=True, compiled=True)
     assert first_order.step(support=(xs, ys), query=(xq, yq)).query_loss is not None
     assert first_order._compiled_checked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_first_step_check_accepts_dropout_with_track_alignment_and_bfloat16(dtype) -> None:
+    """Legitimate compiled steps pass the first-step check: dropout with track_alignment (the
+    eager alignment pass must not shift the query's dropout draws) and bfloat16 parameters
+    (compared at low precision's tolerance)."""
+    torch.manual_seed(38)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1)).to(dtype)
+    aligner = GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                       loss_fn=bce, compiled=True,
+                                       track_alignment=dtype == torch.float32)
+    xs, ys, xq, yq = (t.to(dtype) for t in tiny_batches(seed=35, inputs=4))
+    result = aligner.step(support=(xs, ys), query=(xq, yq))
+    assert aligner._compiled_checked and not result.skipped
 
 
 def test_compiled_nan_loss_names_the_loss_and_changes_nothing() -> None:
