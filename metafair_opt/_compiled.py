@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metafair_opt._random import RngSnapshot, replaying, restore_rng
+
 __all__ = ["COMPILE_FAILURES", "check_against_eager", "compile_failure", "compile_method"]
 
 #: What a ``fullgraph=True`` call raises when torch.compile cannot handle the step.
@@ -75,9 +77,13 @@ LOW_PRECISION_AGREEMENT_TOLERANCE = 5e-2
 
 
 def check_against_eager(compiled: Sequence[Sequence[Tensor | None]],
-                        eager: Sequence[Sequence[Tensor | None]], what: str, owner: str) -> bool:
-    """Raise a ValueError unless each group of ``compiled`` results (``None`` counts as zeros)
-    equals the same group of ``eager`` results to rounding; ``what`` names the groups.
+                        eager_step: Callable[[], Sequence[Sequence[Tensor | None]]],
+                        before: RngSnapshot, what: str, owner: str) -> bool:
+    """Run ``eager_step`` with the random generators at ``before`` (the state the compiled
+    step started from, so that dropout draws alike) and raise a ValueError unless each group of
+    its results equals the same group of ``compiled`` results (``None`` counts as zeros) to
+    rounding; ``what`` names the groups. On that error the generators are put back to
+    ``before``, so that the failed step has drawn nothing.
 
     Run on a wrapper's first compiled step: torch.compile (2.15) does not differentiate every
     operation as eager autograd does; a custom ``torch.autograd.Function``'s backward, for one,
@@ -85,6 +91,17 @@ def check_against_eager(compiled: Sequence[Sequence[Tensor | None]],
     values are not finite cannot be compared (the step's own finiteness check reports them):
     returns whether every group was compared.
     """
+    with replaying(before):
+        eager = eager_step()
+    try:
+        return _compare(compiled, eager, what, owner)
+    except ValueError:
+        restore_rng(before)
+        raise
+
+
+def _compare(compiled: Sequence[Sequence[Tensor | None]],
+             eager: Sequence[Sequence[Tensor | None]], what: str, owner: str) -> bool:
     tensors = [t for group in eager for t in group if t is not None]
     device = tensors[0].device
     low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors) or (

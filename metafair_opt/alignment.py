@@ -32,7 +32,7 @@ from metafair_opt._functional import (
     check_same_batch_size,
     select_rows,
 )
-from metafair_opt._random import replaying, restore_rng, rng_snapshot
+from metafair_opt._random import replaying, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.splits import SplitStrategy, as_row_vector
@@ -371,20 +371,17 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             # A trace that stops on an exception reports only "Observed exception": take the
             # eager step (on fresh buffer copies, nothing committed), so that a bad input raises
             # the eager step's own error; if it runs, torch.compile could not handle the step.
-            self._meta_gradient(x_s, y_s, x_q, y_q, shares)
+            with replaying(rng_snapshot(theta0[0].device)):  # and draws nothing
+                self._meta_gradient(x_s, y_s, x_q, y_q, shares)
             raise compile_failure(error, type(self).__name__) from error
         if before is not None:
-            # The first compiled step is checked against the eager one, with the same random
-            # draws (without the alignment, which the compiled step computes afterwards).
-            with replaying(before):
-                eager_grads = self._meta_gradient(x_s, y_s, x_q, y_q, shares,
-                                                  with_alignment=False)[0]
-            try:
-                self._compiled_checked = check_against_eager(
-                    [meta_grads], [eager_grads], "meta-gradient", type(self).__name__)
-            except ValueError:
-                restore_rng(before)  # the compiled step's draws are undone too
-                raise
+            # The first compiled step is checked against the eager one (without the alignment,
+            # which the compiled step computes afterwards, so the dropout draws stay aligned).
+            self._compiled_checked = check_against_eager(
+                [meta_grads],
+                lambda: [self._meta_gradient(x_s, y_s, x_q, y_q, shares,
+                                             with_alignment=False)[0]],
+                before, "meta-gradient", type(self).__name__)
         names = [*map(self._support_loss_name, range(self.inner_steps)), "query loss"]
         alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
                      if self.track_alignment else None)

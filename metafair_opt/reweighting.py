@@ -48,7 +48,7 @@ from metafair_opt._functional import (
     batch_size,
     check_same_batch_size,
 )
-from metafair_opt._random import RngSnapshot, replaying, restore_rng, rng_snapshot
+from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
@@ -540,18 +540,15 @@ class SampleReweighter(MetaOptimizerBase):
                                     n_global)
             raise compile_failure(error, type(self).__name__) from error
         if before is not None:
-            # The first compiled step is checked against the eager one (same random draws).
-            with replaying(before):
+            def eager_gradients() -> list[Sequence[Tensor | None]]:
                 eager = self._eager_outcome(x, y, block, inverse, inverse, adam_state,
                                             validation, n_global)
-            try:
-                self._compiled_checked = check_against_eager(
-                    [[row_grads], final_grads],
-                    [[dict(eager.watched)[_WEIGHT_GRADIENT]], eager.final_grads],
-                    "weight gradient, final gradient", type(self).__name__)
-            except ValueError:
-                restore_rng(before)  # the compiled step's draws are undone too
-                raise
+                return [[dict(eager.watched)[_WEIGHT_GRADIENT]], eager.final_grads]
+
+            # The first compiled step is checked against the eager one.
+            self._compiled_checked = check_against_eager(
+                [[row_grads], final_grads], eager_gradients, before,
+                "weight gradient, final gradient", type(self).__name__)
         self._check_groups(group_ids)
         watched = [("training loss", losses), ("validation loss", val_losses),
                    ("meta-loss", meta), (_WEIGHT_GRADIENT, row_grads)]
