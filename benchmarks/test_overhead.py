@@ -17,7 +17,7 @@ from metafair_opt.benchmark import (
     WORKLOADS,
     make_step,
     make_workload,
-    step_peak_rss_mb,
+    step_peak_memory_mb,
     time_interleaved,
 )
 from metafair_opt.reweighting import SampleReweighter
@@ -112,12 +112,16 @@ def test_reweighter_step_time_is_flat_in_table_size(benchmark) -> None:
 @pytest.mark.parametrize("variant", ["alignment", "reweighter", "alignment_compiled",
                                      "reweighter_compiled", "reweighter_recompute"])
 def test_step_memory_against_plain(benchmark, variant: str) -> None:
-    plain = step_peak_rss_mb("resnet18", "plain")
-    ours = step_peak_rss_mb("resnet18", variant)
-    ratio = ours / plain
-    benchmark.extra_info.update(plain_mb=plain, peak_mb=ours, ratio_to_plain=ratio)
+    """The issue's memory target: peak RSS above the process's before the step, in a fresh
+    process, as a multiple of the plain step's (peak live tensor bytes reported beside it)."""
+    plain = step_peak_memory_mb("resnet18", "plain")
+    ours = step_peak_memory_mb("resnet18", variant)
+    ratio = ours["peak_rss_mb"] / plain["peak_rss_mb"]
+    benchmark.extra_info.update(plain=plain, ours=ours, ratio_to_plain=ratio,
+                                live_ratio_to_plain=ours["peak_live_mb"] / plain["peak_live_mb"])
     benchmark.pedantic(lambda: None, rounds=1)
     target = MEMORY_TARGETS[("resnet18", variant)]
     assert ratio <= target, (
-        f"resnet18 {variant}: {ours:.0f} MB = {ratio:.2f}x plain's {plain:.0f} MB"
+        f"resnet18 {variant}: {ours['peak_rss_mb']:.0f} MB = {ratio:.2f}x plain's "
+        f"{plain['peak_rss_mb']:.0f} MB"
     )

@@ -26,6 +26,7 @@ __all__ = [
     "check_optimizer_holds",
     "check_same_batch_size",
     "describe_shape",
+    "differentiable_sgd_update",
     "select_rows",
 ]
 
@@ -78,6 +79,19 @@ def check_same_batch_size(x: Batch, y: Batch, x_name: str = "x", y_name: str = "
             f"({ny} rows). Pass inputs and targets for the same rows."
         )
     return nx
+
+
+def differentiable_sgd_update(
+    params: Sequence[Tensor], grads: Sequence[Tensor], step: float
+) -> tuple[Tensor, ...]:
+    """``params + step * grads`` (``step`` is minus the learning rate for a descent step),
+    recorded by autograd: the update of an inner or look-ahead step.
+
+    One ``torch.add`` per tensor rather than one fused ``torch._foreach_add``: the fused op's
+    autograd node keeps ``grads`` alive until its graph is freed (a whole extra copy of the
+    model's gradients at the outer backward's peak), the per-tensor add saves nothing.
+    """
+    return tuple(torch.add(p, g, alpha=step) for p, g in zip(params, grads))
 
 
 def select_rows(batch: Batch, rows: Tensor) -> Batch:

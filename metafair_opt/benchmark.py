@@ -14,10 +14,11 @@ with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autogr
 compile time is not in them), and ``reweighter_recompute`` (``recompute_forward=True``: the
 training forward run again instead of kept through the validation pass).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
-Memory: on CUDA the step's peak of allocated tensor bytes above what was live before it; on the
-CPU, where torch keeps no allocator statistics, the step's peak resident memory above the RSS
-before it, measured in a fresh process per variant after one warm-up step whose freed memory is
-handed back to the system (glibc's ``malloc_trim``).
+Memory, measured in a fresh process per variant after one warm-up step: the step's peak of live
+tensor bytes above those live before it (``peak_live_mb``: the CUDA allocator's statistics, or on
+the CPU the allocator's records from ``torch.profiler``), and on the CPU also the step's peak
+resident memory above the RSS before it (``peak_rss_mb``; the warm-up's freed memory is first
+handed back to the system with glibc's ``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ __all__ = [
     "make_step",
     "make_workload",
     "peak_live_mb",
-    "step_peak_rss_mb",
+    "step_peak_memory_mb",
     "time_interleaved",
 ]
 
@@ -332,56 +333,127 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-_RSS_CHILD = """
+_MEMORY_CHILD = """
 import ctypes, gc, json, sys, torch
 torch.set_num_threads(int(sys.argv[3]))
-from metafair_opt.benchmark import make_step, make_workload
+from metafair_opt.benchmark import make_step, make_workload, peak_live_mb
 def kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1])
-step, _ = make_step(sys.argv[2], make_workload(sys.argv[1]))
-# Warm-up (a compiled variant compiles; any variant allocates its one-time state; meta_every=5
-# goes round once, so the measured step updates the weights), then the freed memory goes back
-# to the system, so that it can neither hide the measured step's peak nor be counted in it.
-for _ in range(5 if sys.argv[2] == "reweighter_every_5" else 1):
+workload, variant, device = sys.argv[1], sys.argv[2], sys.argv[4]
+step, _ = make_step(variant, make_workload(workload, device), device)
+# One cycle of warm-up (a compiled variant compiles; any variant allocates its one-time state;
+# meta_every=5 goes round once, so each measured step below updates the weights).
+cycle = 5 if variant == "reweighter_every_5" else 1
+for _ in range(cycle):
     step()
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-before = kb("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak (VmHWM) to the current RSS
-step()
-print(json.dumps({"peak_mb": (kb("VmHWM") - before) / 1024}))
+peak_rss = None
+if device == "cpu":
+    # The freed memory goes back to the system, so that it can neither hide the measured
+    # step's peak nor be counted in it.
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    step()
+    peak_rss = (kb("VmHWM") - before) / 1024
+    tracked = 2 * cycle - 1  # the RSS step and these: the measured step is a meta step again
+else:
+    tracked = cycle - 1
+print(json.dumps({"peak_rss_mb": peak_rss,
+                  "peak_live_mb": peak_live_mb(step, device, tracked=tracked)}))
 """
 
 
-def step_peak_rss_mb(workload: str, variant: str, threads: int = 1) -> float:
-    """Peak resident memory of one CPU step above the RSS before it, in a fresh process (MB).
+def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
+                        device: torch.device | str = "cpu") -> dict[str, float | None]:
+    """One step's peak memory above what the process held before it, in a fresh process (MB).
 
-    Linux only (reads /proc); the process is new so nothing measured before leaks into it.
+    Returns ``{"peak_rss_mb": ..., "peak_live_mb": ...}``: the peak resident memory (Linux,
+    read from /proc; None on CUDA, where the host's memory is not the step's) and the peak
+    bytes of live tensors (:func:`peak_live_mb`). Both are measured after a warm-up step, and
+    for ``reweighter_every_5`` on a weight-updating step. The process is new, so nothing
+    measured before leaks into it.
     """
     import json
     import os
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, workload, variant, str(threads)],
-                            capture_output=True, text=True, check=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
-
-
-def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cuda") -> float:
-    """Peak bytes allocated on the GPU during one ``step`` above what was live before (MB)."""
     device = torch.device(device)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, workload, variant, str(threads), str(device)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cpu",
+                 tracked: int = 1) -> float:
+    """Peak bytes of live tensors during one call of ``step`` above those live before it (MB).
+
+    ``step`` runs ``tracked`` times, then once more measured. On CUDA the caching allocator's
+    statistics (``torch.cuda.max_memory_allocated``) give the peak. On the CPU, where torch
+    keeps no allocator statistics, ``torch.profiler`` records every allocation and free of the
+    CPU allocator (``profile_memory=True``) and the peak of their running sum during the
+    measured call is read off. The profiler only sees frees of blocks it saw allocated, so the
+    ``tracked`` calls (at least one) are recorded too: the measured step's frees of what the
+    step before it left behind (its gradients, say) are then counted.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        for _ in range(tracked):
+            step()
+        gc.collect()
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if tracked < 1:
+        raise ValueError("peak_live_mb on the CPU needs tracked >= 1: the measured step's "
+                         "frees of the step before it are seen only if that step was recorded.")
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    marker = "metafair_opt.benchmark.measured_step"
     gc.collect()
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(tracked):
+            step()
+        gc.collect()
+        with record_function(marker):
+            step()
+    return _peak_in_window(prof.profiler.kineto_results.events(), marker) / 2**20
+
+
+def _peak_in_window(events: Iterable[Any], marker: str) -> float:
+    """The peak, during the event named ``marker``, of the running sum of the profiler's CPU
+    allocation (positive bytes) and free (negative bytes) records, above its value at the
+    marker's start (bytes)."""
+    from torch.autograd import DeviceType
+
+    events = list(events)
+    window = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+              if e.name() == marker]
+    if len(window) != 1:
+        raise RuntimeError(f"Expected one profiler event {marker!r}, found {len(window)}.")
+    start, end = window[0]
+    memory = sorted(((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+                    key=lambda record: record[0])
+    total = before = peak = 0
+    for time_ns, nbytes in memory:
+        if time_ns > end:
+            break
+        total += nbytes
+        if time_ns < start:
+            before = peak = total
+        else:
+            peak = max(peak, total)
+    return float(peak - before)
 
 
 def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quick: bool = False,
@@ -404,18 +476,15 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
         medians = time_interleaved(steps, repeats, device=device,
                                    per_call={"reweighter_every_5": 5})
         for variant in VARIANTS:
-            if device.type == "cuda":
-                step, _ = make_step(variant, w, device)
-                step()  # warm: lazily created state is not part of the step's peak
-                peak = peak_live_mb(step, device)
-            else:
-                peak = step_peak_rss_mb(name, variant, torch.get_num_threads())
+            memory = step_peak_memory_mb(name, variant, torch.get_num_threads(), device)
             records.append({
                 "workload": name,
                 "variant": variant,
                 "median_ms": round(medians[variant], 4),
                 "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
-                "peak_live_mb": round(peak, 1),
+                "peak_live_mb": round(memory["peak_live_mb"], 1),
+                "peak_rss_mb": (None if memory["peak_rss_mb"] is None
+                                else round(memory["peak_rss_mb"], 1)),
             })
         for key, diff in agreement.items():
             records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})

@@ -6,8 +6,7 @@ group-balanced validation batch:
 1. per-sample losses ``l_i`` at the current parameters theta; weighted loss
    ``sum_i softmax(w[idx])_i * l_i`` (a fresh table gives the plain mean loss);
 2. a differentiable look-ahead ``theta~ = theta - lookahead_lr * grad`` (the update of torchopt's
-   functional SGD, computed as one fused ``torch._foreach_add``; ``reverse_lookahead=True`` flips
-   the sign, appendix 7.1);
+   functional SGD, written directly); ``reverse_lookahead=True`` flips the sign, appendix 7.1);
 3. the fairness meta-loss on the validation batch at theta~, differentiated with respect to
    ``w[idx]``;
 4. the weight update on those table rows (SGD or lazily-initialised per-row Adam);
@@ -47,6 +46,7 @@ from metafair_opt._functional import (
     Batch,
     batch_size,
     check_same_batch_size,
+    differentiable_sgd_update,
 )
 from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
 from metafair_opt._wrapper import MetaOptimizerBase
@@ -627,15 +627,15 @@ class SampleReweighter(MetaOptimizerBase):
             self._scaled(weighted), theta, create_graph=not forward,
             retain_graph=not self.recompute_forward, materialize_grads=True))
         grads = coll.sum_differentiable(grads)  # sync="exact": the global batch's gradient
-        # Differentiable SGD look-ahead (torchopt.sgd's update) as one fused op; reverse_lookahead
-        # climbs instead (appendix 7.1).
+        # The SGD look-ahead (torchopt.sgd's update); reverse_lookahead climbs instead (appendix
+        # 7.1). Without a graph (forward mode) one fused op does it.
         step = self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0)
         if forward:
             with torch.no_grad():
                 theta_tilde = tuple(t.requires_grad_(True) for t in
                                     torch._foreach_add(theta, grads, alpha=step))
         else:
-            theta_tilde = tuple(torch._foreach_add(theta, grads, alpha=step))
+            theta_tilde = differentiable_sgd_update(theta, grads, step)
         del grads  # the look-ahead's graph does not save them: free them for what follows
 
         scratch = fm.clone_buffers() if fm.buffer_names else {}

@@ -36,16 +36,16 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     assert [r["variant"] for r in records] == list(VARIANTS)
     for record in records:
         assert set(record) == {"workload", "variant", "median_ms", "ratio_to_plain",
-                               "peak_live_mb"}
+                               "peak_live_mb", "peak_rss_mb"}
         assert record["workload"] == "mlp" and record["median_ms"] > 0
-        assert record["peak_live_mb"] >= 0
+        assert record["peak_live_mb"] > 0 and record["peak_rss_mb"] >= 0
     assert records[0]["ratio_to_plain"] == 1
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Command: `metafair-opt bench --workload mlp --quick")
     assert "CPU cores" in markdown and "torch " in markdown
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
-        "workload,variant,median_ms,ratio_to_plain,peak_live_mb")
+        "workload,variant,median_ms,ratio_to_plain,peak_live_mb,peak_rss_mb")
 
 
 def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> None:

@@ -1,0 +1,136 @@
+"""Memory: the benchmark's live-tensor accounting is exact, and the meta-steps free the inner
+(look-ahead) gradients before the forward that follows them (no timing)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metafair_opt import GradientAlignmentWrapper, SampleReweighter
+from metafair_opt.benchmark import peak_live_mb, step_peak_memory_mb
+
+MB = 2**20
+
+
+def test_peak_live_mb_is_the_peak_above_what_was_live_before() -> None:
+    """Each call frees the 3 MiB the call before kept, allocates 4 and 2 MiB, frees the 4 and
+    allocates 1 (kept with the 2): at most 6 MiB live, 3 above the 3 live before. Were the
+    frees of the tracked call's tensors not seen, the peak would read 6."""
+    kept: list[Tensor] = []
+
+    def step() -> None:
+        kept.clear()
+        a = torch.empty(4 * MB, dtype=torch.uint8)
+        b = torch.empty(2 * MB, dtype=torch.uint8)
+        del a
+        kept.extend([b, torch.empty(MB, dtype=torch.uint8)])
+
+    assert peak_live_mb(step, "cpu", tracked=1) == pytest.approx(3, abs=1e-3)
+    assert sum(t.numel() for t in kept) == 3 * MB
+
+
+def test_peak_live_mb_of_a_replacement_and_of_a_release() -> None:
+    """Replacing a 5 MiB tensor holds old and new at once: 5 MiB above the start. A step that
+    only frees never rises above the start: 0."""
+    held = [torch.empty(5 * MB, dtype=torch.uint8)]
+
+    def replace() -> None:
+        held[0] = torch.empty(5 * MB, dtype=torch.uint8)
+
+    assert peak_live_mb(replace, "cpu", tracked=1) == pytest.approx(5, abs=1e-3)
+
+    pool = [torch.empty(MB, dtype=torch.uint8) for _ in range(8)]
+
+    def free_one() -> None:
+        pool.pop()
+
+    assert peak_live_mb(free_one, "cpu", tracked=2) == 0
+    assert len(pool) == 5
+
+
+def test_peak_live_mb_needs_a_tracked_call_on_the_cpu() -> None:
+    with pytest.raises(ValueError, match="tracked >= 1"):
+        peak_live_mb(lambda: None, "cpu", tracked=0)
+
+
+def test_step_peak_memory_reports_live_bytes_and_rss_in_a_fresh_process() -> None:
+    memory = step_peak_memory_mb("mlp", "plain")
+    assert set(memory) == {"peak_rss_mb", "peak_live_mb"}
+    # W1's plain step holds at least its gradients (10,689 floats) and its first hidden
+    # activation (256 x 64 floats) at once, and far less than a megabyte more.
+    at_least = (10_689 + 256 * 64) * 4 / MB
+    assert at_least < memory["peak_live_mb"] < 1.0
+    assert memory["peak_rss_mb"] >= 0
+
+
+def _record_meta_gradients(monkeypatch) -> list[weakref.ref]:
+    """Weak references to every gradient computed with create_graph=True from now on."""
+    made: list[weakref.ref] = []
+    grad = torch.autograd.grad
+
+    def recording(*args, **kwargs):
+        grads = grad(*args, **kwargs)
+        if kwargs.get("create_graph"):
+            made.extend(weakref.ref(g) for g in grads if g is not None)
+        return grads
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    return made
+
+
+def _alive_at_forward(model: nn.Module, call: int, made: list[weakref.ref]) -> list[int]:
+    """Counts, at the start of the model's ``call``-th forward (from 1), how many of the
+    recorded gradients are still alive (filled in by a pre-hook)."""
+    calls: list[int] = []
+    alive: list[int] = []
+
+    def hook(_module, _args) -> None:
+        calls.append(1)
+        if len(calls) == call:
+            gc.collect()
+            alive.append(sum(r() is not None for r in made))
+
+    model.register_forward_pre_hook(hook)
+    return alive
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_alignment_frees_each_inner_gradient_before_the_next_forward(
+        monkeypatch, inner_steps: int) -> None:
+    """The differentiable SGD update saves nothing of the gradient it applies, so the inner
+    gradients are gone by the query forward (a fused torch._foreach_add kept them alive: a
+    copy of the model's gradients per inner step at the outer backward's peak)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    aligner = GradientAlignmentWrapper(
+        model, torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=lambda out, y: F.mse_loss(out.squeeze(-1), y), inner_lr=0.1,
+        inner_steps=inner_steps)
+    made = _record_meta_gradients(monkeypatch)
+    alive = _alive_at_forward(model, inner_steps + 1, made)  # the query forward
+    aligner.step(support=(torch.randn(6, 5), torch.randn(6)),
+                 query=(torch.randn(10, 5), torch.randn(10)))
+    assert len(made) == 4 * inner_steps  # the gradients were recorded
+    assert alive == [0]
+
+
+def test_reweighter_frees_the_lookahead_gradient_before_the_validation_forward(
+        monkeypatch) -> None:
+    """The reverse mode's look-ahead gradient (create_graph=True) is not kept by the
+    look-ahead update through the validation forward and the double backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=20,
+                          loss_fn=F.cross_entropy, weight_grad_mode="reverse")
+    made = _record_meta_gradients(monkeypatch)
+    alive = _alive_at_forward(model, 2, made)  # the validation forward
+    before = rw.weights.clone()
+    rw.step(torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.arange(8),
+            val=(torch.randn(10, 5), torch.randint(0, 3, (10,)), torch.arange(10) % 2))
+    assert len(made) == 4 and alive == [0]
+    assert not torch.equal(rw.weights, before)  # a weight-updating step ran
