@@ -361,7 +361,7 @@ if device == "cpu":
     peak_rss = (kb("VmHWM") - before) / 1024
     tracked = 2 * cycle - 1  # the RSS step and these: the measured step is a meta step again
 else:
-    tracked = cycle - 1
+    tracked = 0  # the allocator's statistics need no recorded step: the next one is measured
 print(json.dumps({"peak_rss_mb": peak_rss,
                   "peak_live_mb": peak_live_mb(step, device, tracked=tracked)}))
 """
