@@ -15,7 +15,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from metafair_opt.benchmark import VARIANTS, machine_description, step_peak_memory_mb
+from metafair_opt.benchmark import (
+    VARIANTS,
+    machine_description,
+    significant,
+    step_peak_memory_mb,
+)
 from metafair_opt.reporting import markdown_table
 
 
@@ -34,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     plain = frame.set_index("variant").loc["plain"]
     frame["live / plain"] = (frame["peak_live_mb"] / plain["peak_live_mb"]).round(2)
     frame["rss / plain"] = (frame["peak_rss_mb"] / plain["peak_rss_mb"]).round(2)
-    frame[["peak_live_mb", "peak_rss_mb"]] = frame[["peak_live_mb", "peak_rss_mb"]].round(1)
+    for column in ("peak_live_mb", "peak_rss_mb"):
+        frame[column] = frame[column].map(significant)
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Command: `{command.strip()}`\n\nMachine: {machine_description()}\n\n"
             f"Workload: {args.workload}\n\n{markdown_table(frame)}\n")

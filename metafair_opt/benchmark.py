@@ -48,6 +48,7 @@ __all__ = [
     "make_step",
     "make_workload",
     "peak_live_mb",
+    "significant",
     "step_peak_memory_mb",
     "time_interleaved",
 ]
@@ -482,13 +483,19 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
                 "variant": variant,
                 "median_ms": round(medians[variant], 4),
                 "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
-                "peak_live_mb": round(memory["peak_live_mb"], 1),
-                "peak_rss_mb": (None if memory["peak_rss_mb"] is None
-                                else round(memory["peak_rss_mb"], 1)),
+                "peak_live_mb": significant(memory["peak_live_mb"]),
+                "peak_rss_mb": significant(memory["peak_rss_mb"]),
             })
         for key, diff in agreement.items():
             records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})
     return records
+
+
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """``value`` rounded to ``digits`` significant figures (None stays None): memory figures
+    span from W1's fractions of a megabyte to W2's gigabytes, which no fixed number of
+    decimals serves."""
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 def machine_description(device: torch.device | str = "cpu") -> str:

@@ -6,7 +6,13 @@ from __future__ import annotations
 import json
 import math
 
-from metafair_opt.benchmark import VARIANTS, check_agreement, make_workload, time_interleaved
+from metafair_opt.benchmark import (
+    VARIANTS,
+    check_agreement,
+    make_workload,
+    significant,
+    time_interleaved,
+)
 from metafair_opt.cli import main
 
 
@@ -59,3 +65,13 @@ def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> Non
     calls.clear()
     time_interleaved(steps, repeats=6, warmup=0)
     assert [calls[i:i + 5] for i in range(0, 30, 5)] == rounds  # seeded: reproducible
+
+
+def test_memory_figures_keep_four_significant_figures() -> None:
+    # W1's peaks are fractions of a megabyte and W2's thousands: one decimal would make W1's
+    # variants look alike (0.2 MB each) and a fixed precision would clutter W2's.
+    assert significant(0.23456) == 0.2346
+    assert significant(0.0123456) == 0.01235
+    assert significant(1861.44) == 1861.0
+    assert significant(273.94) == 273.9
+    assert significant(None) is None
