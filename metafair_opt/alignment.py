@@ -295,7 +295,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
     ) -> tuple[tuple[Tensor, ...], Any]:
         if not self._custom_inner:
             # The default differentiable SGD step written directly: the same update as
-            # torchopt.sgd(inner_lr), about 4x cheaper per step on small models.
+            # torchopt.sgd(inner_lr), about 3x cheaper (W1's MLP: 14 against 42 us per update).
             return differentiable_sgd_update(params, grads, -self.inner_lr), state
         updates, state = self.inner_optimizer.update(grads, state, params=params, inplace=False)
         return tuple(torchopt.apply_updates(params, updates, inplace=False)), state
