@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from metafair_opt.benchmark import (
+    LOOKAHEAD_LR,
     VARIANTS,
     WORKLOADS,
     make_step,
     make_workload,
+    peak_live_mb,
     step_peak_memory_mb,
     time_interleaved,
 )
@@ -107,6 +109,36 @@ def test_reweighter_step_time_is_flat_in_table_size(benchmark) -> None:
     benchmark.extra_info.update(medians)
     benchmark.pedantic(steps["10000000"], rounds=10, warmup_rounds=2)
     assert medians["10000000"] <= 1.10 * medians["1000"], medians
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_weight_gradient_modes(benchmark, workload: str) -> None:
+    """The eager reweighter's two weight-gradient modes, timed interleaved, with their peak live
+    tensor bytes: weight_grad_mode="auto" takes the forward mode from a million trainable
+    parameters on (W2 has 11 million, W1 eleven thousand), so it must be the faster one on W2
+    and the slower one on W1."""
+    w = make_workload(workload)
+    idx = torch.arange(w.x.shape[0])
+    steps = {}
+    for mode in ("reverse", "forward"):
+        model = w.model(torch.device("cpu"))
+        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=1e-3),
+                              num_samples=w.x.shape[0], loss_fn=w.loss, weight_lr=0.01,
+                              weight_optimizer="sgd", lookahead_lr=LOOKAHEAD_LR,
+                              weight_grad_mode=mode)
+
+        def step(rw=rw) -> None:
+            rw.zero_grad()
+            rw.step(w.x, w.y, idx, val=(w.x_val, w.y_val, w.g_val))
+        steps[mode] = step
+    medians = time_interleaved(steps, REPEATS[workload])
+    live_mb = {mode: peak_live_mb(step) for mode, step in steps.items()}
+    benchmark.extra_info.update(median_ms=medians, peak_live_mb=live_mb,
+                                forward_time_over_reverse=medians["forward"] / medians["reverse"],
+                                forward_live_over_reverse=live_mb["forward"] / live_mb["reverse"])
+    benchmark.pedantic(steps["forward"], rounds=3, warmup_rounds=1)
+    faster = min(medians, key=medians.__getitem__)
+    assert faster == ("forward" if workload == "resnet18" else "reverse"), medians
 
 
 @pytest.mark.parametrize("variant", ["alignment", "reweighter", "alignment_compiled",
