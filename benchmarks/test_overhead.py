@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from metafair_opt.benchmark import (
-    LOOKAHEAD_LR,
     VARIANTS,
     WORKLOADS,
+    make_reweighter_step,
     make_step,
     make_workload,
     peak_live_mb,
@@ -113,24 +113,14 @@ def test_reweighter_step_time_is_flat_in_table_size(benchmark) -> None:
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_weight_gradient_modes(benchmark, workload: str) -> None:
-    """The eager reweighter's two weight-gradient modes, timed interleaved, with their peak live
-    tensor bytes: weight_grad_mode="auto" takes the forward mode from a million trainable
-    parameters on (W2 has 11 million, W1 eleven thousand), so it must be the faster one on W2
-    and the slower one on W1."""
+    """The eager reweighter's two weight-gradient modes (otherwise the ``reweighter`` rows'
+    configuration), timed interleaved, with their peak live tensor bytes:
+    weight_grad_mode="auto" takes the forward mode from a million trainable parameters on (W2
+    has 11 million, W1 eleven thousand), so it must be the faster one on W2 and the slower one
+    on W1."""
     w = make_workload(workload)
-    idx = torch.arange(w.x.shape[0])
-    steps = {}
-    for mode in ("reverse", "forward"):
-        model = w.model(torch.device("cpu"))
-        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=1e-3),
-                              num_samples=w.x.shape[0], loss_fn=w.loss, weight_lr=0.01,
-                              weight_optimizer="sgd", lookahead_lr=LOOKAHEAD_LR,
-                              weight_grad_mode=mode)
-
-        def step(rw=rw) -> None:
-            rw.zero_grad()
-            rw.step(w.x, w.y, idx, val=(w.x_val, w.y_val, w.g_val))
-        steps[mode] = step
+    steps = {mode: make_reweighter_step(w, weight_grad_mode=mode)[0]
+             for mode in ("reverse", "forward")}
     medians = time_interleaved(steps, REPEATS[workload])
     live_mb = {mode: peak_live_mb(step) for mode, step in steps.items()}
     benchmark.extra_info.update(median_ms=medians, peak_live_mb=live_mb,

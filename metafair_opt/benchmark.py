@@ -45,6 +45,7 @@ __all__ = [
     "Workload",
     "check_agreement",
     "machine_description",
+    "make_reweighter_step",
     "make_step",
     "make_workload",
     "peak_live_mb",
@@ -220,8 +221,6 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
     n = w.x.shape[0]
-    idx = torch.arange(n, device=device)
-    val = (w.x_val, w.y_val, w.g_val)
     if variant == "plain":
         def plain() -> None:
             optimizer.zero_grad()
@@ -241,16 +240,10 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
             aligner.step(support=(xs, ys), query=(xq, yq))
         return align, model, None
     if variant.startswith("reweighter"):
-        every = 5 if variant == "reweighter_every_5" else 1
-        rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
-                              weight_lr=0.01, weight_optimizer="sgd",
-                              lookahead_lr=LOOKAHEAD_LR, meta_every=every,
-                              compiled=variant.endswith("_compiled"),
-                              recompute_forward=variant.endswith("_recompute"))
-
-        def reweight() -> None:
-            rw.zero_grad()
-            rw.step(w.x, w.y, idx, val=val)
+        reweight, rw = _reweighter_step(
+            w, model, optimizer, meta_every=5 if variant == "reweighter_every_5" else 1,
+            compiled=variant.endswith("_compiled"),
+            recompute_forward=variant.endswith("_recompute"))
         return reweight, model, lambda: rw.weights
     table = torch.zeros(n, device=device)
     peers = {
@@ -263,6 +256,32 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         raise ValueError(f"Unknown variant {variant!r}; choose from {list(VARIANTS)}.")
     weights = (lambda: table.clone()) if variant.endswith("reweighter") else None
     return peers[variant](), model, weights
+
+
+def make_reweighter_step(w: Workload, device: torch.device | str = "cpu", lr: float = 1e-3,
+                         **options: Any) -> tuple[Callable[[], None], nn.Module]:
+    """The ``reweighter`` variant's step on ``w`` with ``options`` (``SampleReweighter``
+    keyword arguments, e.g. ``weight_grad_mode="reverse"``) set, and the model it trains."""
+    model = w.model(torch.device(device))
+    step, _ = _reweighter_step(w, model, torch.optim.SGD(model.parameters(), lr=lr), **options)
+    return step, model
+
+
+def _reweighter_step(w: Workload, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     **options: Any) -> tuple[Callable[[], None], SampleReweighter]:
+    """One reweighting step on ``w``'s whole batch (SGD weights, the benchmark's look-ahead
+    rate, ``options`` on top) and the reweighter."""
+    n = w.x.shape[0]
+    idx = torch.arange(n, device=w.x.device)
+    val = (w.x_val, w.y_val, w.g_val)
+    rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
+                          **{"weight_lr": 0.01, "weight_optimizer": "sgd",
+                             "lookahead_lr": LOOKAHEAD_LR, **options})
+
+    def reweight() -> None:
+        rw.zero_grad()
+        rw.step(w.x, w.y, idx, val=val)
+    return reweight, rw
 
 
 def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str, float]:

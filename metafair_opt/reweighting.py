@@ -6,7 +6,7 @@ group-balanced validation batch:
 1. per-sample losses ``l_i`` at the current parameters theta; weighted loss
    ``sum_i softmax(w[idx])_i * l_i`` (a fresh table gives the plain mean loss);
 2. a differentiable look-ahead ``theta~ = theta - lookahead_lr * grad`` (the update of torchopt's
-   functional SGD, written directly); ``reverse_lookahead=True`` flips the sign, appendix 7.1);
+   functional SGD, written directly; ``reverse_lookahead=True`` flips the sign, appendix 7.1);
 3. the fairness meta-loss on the validation batch at theta~, differentiated with respect to
    ``w[idx]``;
 4. the weight update on those table rows (SGD or lazily-initialised per-row Adam);
