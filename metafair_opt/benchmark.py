@@ -11,8 +11,10 @@ Variants: ``plain`` (forward, backward, optimizer step on the whole batch), our
 with ``higher`` and by hand with ``torch.func.functional_call`` + ``torch.autograd.grad``, and
 ``alignment_compiled`` / ``alignment_first_order_compiled`` / ``reweighter_compiled``
 (``compiled=True``: compiled once before timing, so the medians are the steady state; the
-compile time is not in them), and ``reweighter_recompute`` (``recompute_forward=True``: the
-training forward run again instead of kept through the validation pass).
+compile time is not in them), ``alignment_recompute`` (``recompute_support=True``: the support
+forward and backward run again for a Hessian-vector product instead of kept through the query
+pass) and ``reweighter_recompute`` (``recompute_forward=True``: the training forward run again
+instead of kept through the validation pass).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
 Memory, measured in a fresh process per variant after one warm-up step: the step's peak of live
 tensor bytes above those live before it (``peak_live_mb``: the CUDA allocator's statistics, or on
@@ -59,7 +61,7 @@ VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
     "torchfunc_reweighter", "alignment_compiled", "alignment_first_order_compiled",
-    "reweighter_compiled", "reweighter_recompute",
+    "reweighter_compiled", "alignment_recompute", "reweighter_recompute",
 )
 INNER_LR = 0.01
 LOOKAHEAD_LR = 0.01
@@ -233,6 +235,7 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
             inner_steps=5 if variant == "alignment_5_inner" else 1,
             first_order=variant.startswith("alignment_first_order"),
             compiled=variant.endswith("_compiled"),
+            recompute_support=variant == "alignment_recompute",
         )
 
         def align() -> None:
@@ -301,7 +304,7 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str
 
     report = {}
     for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment",
-                                       "alignment_compiled")),
+                                       "alignment_compiled", "alignment_recompute")),
                         ("alignment_first_order", ("alignment_first_order_compiled",)),
                         ("reweighter", ("higher_reweighter", "torchfunc_reweighter",
                                         "reweighter_compiled", "reweighter_recompute"))):

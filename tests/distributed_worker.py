@@ -56,14 +56,16 @@ class TwoHeads(nn.Module):
 
 
 def make_wrapper(kind: str, model: nn.Module, optimizer, sync: str = "outer",
-                 weight_grad_mode: str = "auto", recompute_forward: bool = False):
+                 weight_grad_mode: str = "auto", recompute: bool = False):
+    """``recompute``: the alignment wrapper's ``recompute_support``, the reweighter's
+    ``recompute_forward``."""
     if kind == "alignment":
         return GradientAlignmentWrapper(model, optimizer, F.cross_entropy, inner_lr=0.3,
-                                        inner_steps=2, sync=sync)
+                                        inner_steps=2, sync=sync, recompute_support=recompute)
     return SampleReweighter(model, optimizer, num_samples=NUM_SAMPLES, loss_fn=F.cross_entropy,
                             meta_loss="max_loss_discrepancy", weight_lr=0.2,
                             lookahead_lr=0.5, sync=sync, weight_grad_mode=weight_grad_mode,
-                            recompute_forward=recompute_forward)
+                            recompute_forward=recompute)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -94,7 +96,8 @@ def main() -> None:
         model = nn.parallel.DistributedDataParallel(base)
         optimizer = make_optimizer(model.module)
         parts = scenario.split("-")
-        mode = "forward" if "forward" in parts or "recompute" in parts else "auto"
+        mode = ("forward" if kind == "reweighter" and ("forward" in parts or "recompute" in parts)
+                else "auto")
         wrapper = make_wrapper(kind, model, optimizer, sync, mode, "recompute" in parts)
         record: dict = {}
         if scenario.endswith("unused"):

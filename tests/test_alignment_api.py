@@ -196,8 +196,11 @@ def test_optimizer_missing_parameters_is_rejected_at_construction() -> None:
         ("second_inner", "The support loss at inner step 2 of 2 is inf"),
     ],
 )
-def test_non_finite_loss_names_the_loss_and_changes_nothing(poison: str, message: str) -> None:
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_non_finite_loss_names_the_loss_and_changes_nothing(poison: str, message: str,
+                                                            recompute: bool) -> None:
     model, opt, aligner, (x, y, groups) = trained_setup()
+    aligner.recompute_support = recompute
     s, q = groups == 1, groups == 0
     xs, xq = x[s].clone(), x[q].clone()
     if poison == "support":

@@ -2,7 +2,9 @@
 
 References: (a) the model written out as a plain function of its weight tensors with
 ``torch.autograd.grad(create_graph=True)`` (no functional_call, no torchopt), (b) ``higher``,
-(c) central finite differences of L(theta_I(theta_0), X_q).
+(c) central finite differences of L(theta_I(theta_0), X_q). The second-order checks run twice:
+as the wrapper keeps the inner steps' graph (default) and as it recomputes them
+(``recompute_support=True``, Hessian-vector products).
 """
 
 from __future__ import annotations
@@ -83,13 +85,15 @@ def query_loss_after_inner(params0: list[Tensor], batches, lr: float, steps: int
     return bce(plain_mlp(params, xq), yq)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("inner_steps", [1, 3])
-def test_meta_gradient_matches_hand_written_autograd(inner_steps: int) -> None:
+def test_meta_gradient_matches_hand_written_autograd(inner_steps: int, recompute: bool) -> None:
     batches = tiny_batches()
     model = tiny_model()
     params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     expected = hand_meta_gradient(params0, batches, lr=0.3, steps=inner_steps)
-    got = wrapper_meta_gradient(model, batches, inner_lr=0.3, inner_steps=inner_steps)
+    got = wrapper_meta_gradient(model, batches, inner_lr=0.3, inner_steps=inner_steps,
+                                recompute_support=recompute)
     assert rel_error(got, expected) < 1e-6
     # The second-order term is not negligible here, so the check has teeth.
     first_order = wrapper_meta_gradient(tiny_model(), batches, inner_lr=0.3,
@@ -97,17 +101,19 @@ def test_meta_gradient_matches_hand_written_autograd(inner_steps: int) -> None:
     assert rel_error(first_order, expected) > 1e-3
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("inner_steps", [1, 3])
-def test_meta_gradient_matches_higher(inner_steps: int) -> None:
+def test_meta_gradient_matches_higher(inner_steps: int, recompute: bool) -> None:
     batches = tiny_batches(seed=2)
     expected = higher_meta_gradient(tiny_model(seed=3), batches, lr=0.2, steps=inner_steps)
     got = wrapper_meta_gradient(tiny_model(seed=3), batches, inner_lr=0.2,
-                                inner_steps=inner_steps)
+                                inner_steps=inner_steps, recompute_support=recompute)
     assert rel_error(got, expected) < 1e-6
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("inner_steps", [1, 3])
-def test_meta_gradient_matches_finite_differences(inner_steps: int) -> None:
+def test_meta_gradient_matches_finite_differences(inner_steps: int, recompute: bool) -> None:
     batches = tiny_batches(seed=4)
     model = tiny_model(seed=5)
     lr, eps = 0.25, 1e-6
@@ -124,7 +130,8 @@ def test_meta_gradient_matches_finite_differences(inner_steps: int) -> None:
                     values.append(query_loss_after_inner(shifted, batches, lr, inner_steps))
                 grad.view(-1)[idx] = (values[0] - values[1]).item() / (2 * eps)
             numeric.append(grad)
-    got = wrapper_meta_gradient(model, batches, inner_lr=lr, inner_steps=inner_steps)
+    got = wrapper_meta_gradient(model, batches, inner_lr=lr, inner_steps=inner_steps,
+                                recompute_support=recompute)
     assert rel_error(got, numeric) < 1e-4
 
 
@@ -247,5 +254,7 @@ def test_tied_weights_meta_gradient_matches_finite_differences() -> None:
                 p.view(-1)[idx] += eps
             grad.view(-1)[idx] = (plus - minus) / (2 * eps)
         numeric.append(grad)
-    got = wrapper_meta_gradient(model, (xs, ys, xq, yq), inner_lr=lr, inner_steps=1)
-    assert rel_error(got, numeric) < 1e-4
+    for recompute in (False, True):
+        got = wrapper_meta_gradient(model, (xs, ys, xq, yq), inner_lr=lr, inner_steps=1,
+                                    recompute_support=recompute)
+        assert rel_error(got, numeric) < 1e-4

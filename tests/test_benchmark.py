@@ -20,7 +20,7 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
     report = check_agreement(make_workload("mlp"))
     assert set(report) == {
         "alignment vs higher_alignment", "alignment vs torchfunc_alignment",
-        "alignment vs alignment_compiled",
+        "alignment vs alignment_compiled", "alignment vs alignment_recompute",
         "alignment_first_order vs alignment_first_order_compiled",
         "reweighter vs higher_reweighter", "reweighter vs torchfunc_reweighter",
         "reweighter vs higher_reweighter (weight update)",

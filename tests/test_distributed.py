@@ -64,13 +64,15 @@ def single_process(kind: str, steps: int = worker.STEPS):
     return model, wrapper
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
-                                  "reweighter-recompute"])
+@pytest.mark.parametrize("kind", ["alignment", "alignment-recompute", "reweighter",
+                                  "reweighter-forward", "reweighter-recompute"])
 def test_exact_sync_on_two_ranks_equals_one_process_on_the_concatenated_batches(
     kind: str, tmp_path: Path
 ) -> None:
-    """reweighter-forward: the forward-mode weight gradient on two ranks against the one-process
-    reverse mode; reweighter-recompute: the same with recompute_forward=True."""
+    """alignment-recompute: recompute_support=True on two ranks (the Hessian-vector products
+    summed over ranks) against the one-process default step; reweighter-forward: the
+    forward-mode weight gradient on two ranks against the one-process reverse mode;
+    reweighter-recompute: the same with recompute_forward=True."""
     scenario = kind.replace("-", "-exact-") if "-" in kind else f"{kind}-exact"
     kind = kind.split("-")[0]
     ranks = launch(scenario, tmp_path)
@@ -129,10 +131,12 @@ def _independent_shard_steps():
     return model
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 def test_outer_sync_equals_the_average_of_independent_shard_meta_gradients(
-    tmp_path: Path
+    recompute: bool, tmp_path: Path
 ) -> None:
-    ranks = launch("alignment-outer", tmp_path)
+    """recompute: the ranks use recompute_support=True, the shards in this process do not."""
+    ranks = launch("alignment-outer" + ("-recompute" if recompute else ""), tmp_path)
     model = _independent_shard_steps()
     for record in ranks:
         for got, want in zip(record["params"], model.parameters()):

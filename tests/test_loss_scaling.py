@@ -33,9 +33,10 @@ def make_data(dtype: torch.dtype = torch.float32):
 
 
 def make_wrapper(kind: str, model: nn.Module, optimizer, scaler=None):
-    if kind == "alignment":
+    if kind.startswith("alignment"):
         return GradientAlignmentWrapper(model, optimizer, F.cross_entropy, inner_lr=0.5,
-                                        grad_scaler=scaler)
+                                        grad_scaler=scaler,
+                                        recompute_support=kind.endswith("recompute"))
     return SampleReweighter(model, optimizer, num_samples=N, loss_fn=F.cross_entropy,
                             meta_loss="max_loss_discrepancy", weight_lr=0.1,
                             grad_scaler=scaler,
@@ -44,14 +45,14 @@ def make_wrapper(kind: str, model: nn.Module, optimizer, scaler=None):
 
 
 def run_step(kind: str, wrapper, x, y, groups, idx=None):
-    if kind == "alignment":
+    if kind.startswith("alignment"):
         return wrapper.step((x[:8], y[:8]), (x[8:], y[8:]))
     idx = torch.arange(N) if idx is None else idx
     return wrapper.step(x, y, idx, val=(x, y, groups))
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
-                                  "reweighter-recompute"])
+@pytest.mark.parametrize("kind", ["alignment", "alignment-recompute", "reweighter",
+                                  "reweighter-forward", "reweighter-recompute"])
 def test_scaled_steps_equal_unscaled_steps_in_float64(kind: str) -> None:
     x, y, groups = make_data(torch.float64)
     finals = {}
@@ -75,8 +76,8 @@ def test_scaled_steps_equal_unscaled_steps_in_float64(kind: str) -> None:
         torch.testing.assert_close(finals[False][1], finals[True][1], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
-                                  "reweighter-recompute"])
+@pytest.mark.parametrize("kind", ["alignment", "alignment-recompute", "reweighter",
+                                  "reweighter-forward", "reweighter-recompute"])
 def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> None:
     x, y, groups = make_data()
     model = make_model()
@@ -118,8 +119,8 @@ def test_float16_overflow_skips_the_step_and_backs_off_the_scale(kind: str) -> N
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
-                                  "reweighter-recompute"])
+@pytest.mark.parametrize("kind", ["alignment", "alignment-recompute", "reweighter",
+                                  "reweighter-forward", "reweighter-recompute"])
 def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -> None:
     x, y, groups = make_data()
     x[3, 0] = float("nan")
@@ -127,7 +128,8 @@ def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -
     before = copy.deepcopy(model.state_dict())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     wrapper = make_wrapper(kind, model, torch.optim.SGD(model.parameters(), lr=0.1), scaler)
-    first = "support loss at inner step 1 of 1" if kind == "alignment" else "training loss"
+    first = ("support loss at inner step 1 of 1" if kind.startswith("alignment")
+             else "training loss")
     with pytest.raises(FloatingPointError, match=f"The {first} is"):
         run_step(kind, wrapper, x, y, groups)
     assert scaler.get_scale() == 2.0**10
@@ -135,8 +137,8 @@ def test_non_finite_input_under_a_scaler_raises_and_keeps_the_scale(kind: str) -
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("kind", ["alignment", "reweighter", "reweighter-forward",
-                                  "reweighter-recompute"])
+@pytest.mark.parametrize("kind", ["alignment", "alignment-recompute", "reweighter",
+                                  "reweighter-forward", "reweighter-recompute"])
 def test_float16_meta_gradients_stay_close_to_float32(kind: str) -> None:
     """Measured: relative error about 1e-3 (float16 keeps 11 bits of mantissa)."""
     x, y, groups = make_data()

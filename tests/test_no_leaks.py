@@ -29,7 +29,8 @@ def assert_no_growth(step) -> None:
 
 
 @pytest.mark.parametrize("variant", ["alignment", "alignment_first_order", "reweighter",
-                                     "reweighter_every_5", "alignment_compiled"])
+                                     "reweighter_every_5", "alignment_compiled",
+                                     "alignment_recompute"])
 def test_no_tensor_growth_over_many_steps(variant: str) -> None:
     step, _ = make_step(variant, make_workload("mlp"))
     assert_no_growth(step)
