@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--recompute-forward", action="store_true",
                         help="forml: run the training forward again for the final gradient "
                              "instead of keeping its graph (less peak memory, one more forward)")
+    vision.add_argument("--recompute-support", action="store_true",
+                        help="faalgrad: run the support pass again for a Hessian-vector product "
+                             "instead of keeping its second-order graph through the query pass "
+                             "(less peak memory, one more forward and two backward passes)")
     vision.add_argument("--inner-lr", type=float, default=0.01)
     vision.add_argument("--inner-steps", type=int, default=1)
     vision.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")
@@ -254,7 +258,8 @@ def _vision(args: argparse.Namespace, command: str) -> None:
         config = VisionConfig(
             dataset=args.dataset, method=args.method, root=args.root, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, weight_lr=args.weight_lr,
-            recompute_forward=args.recompute_forward, inner_lr=args.inner_lr,
+            recompute_forward=args.recompute_forward,
+            recompute_support=args.recompute_support, inner_lr=args.inner_lr,
             inner_steps=args.inner_steps, device=args.device,
             amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
             workers=args.workers, seed=seed,

@@ -76,6 +76,7 @@ class VisionConfig:
     min_per_group: int | None = None
     weight_lr: float = 0.01
     recompute_forward: bool = False
+    recompute_support: bool = False
     inner_lr: float = 0.01
     inner_steps: int = 1
     device: str = "auto"
@@ -101,6 +102,12 @@ class VisionConfig:
                 f"recompute_forward applies to FORML's reweighter only; method={self.method!r} "
                 "has no training forward to recompute. Drop --recompute-forward or use "
                 "--method forml."
+            )
+        if self.recompute_support and self.method != "faalgrad":
+            raise ValueError(
+                f"recompute_support applies to FaAlGrad's alignment wrapper only; "
+                f"method={self.method!r} has no support set to recompute. Drop "
+                "--recompute-support or use --method faalgrad."
             )
         defaults = DATASET_DEFAULTS[self.dataset]
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else
@@ -208,7 +215,8 @@ class _Run:
                                                     inner_lr=cfg.inner_lr,
                                                     inner_steps=cfg.inner_steps,
                                                     on_empty="fallback",
-                                                    grad_scaler=self.scaler)
+                                                    grad_scaler=self.scaler,
+                                                    recompute_support=cfg.recompute_support)
             group_ids = sorted(torch.unique(self.train_set.groups).tolist())
             self.split: Any = (ByGroup(support_group=1) if group_ids == [0, 1]
                                else RoundRobin(groups=group_ids))
@@ -353,7 +361,8 @@ class _Run:
 
 #: Settings that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = {"epochs", "resume", "checkpoint", "workers", "device", "quiet",
-                      "recompute_forward",  # the same steps, computed with less memory
+                      # the same steps, computed with less memory:
+                      "recompute_forward", "recompute_support",
                       "amp_dtype"}  # compared as the resolved autocast dtype instead
 
 
