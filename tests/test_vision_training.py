@@ -210,6 +210,12 @@ def test_vision_command_writes_results(tmp_path, capsys) -> None:
     assert main(["vision", "--dataset", "cifar10", "--root", str(tmp_path / "none"),
                  "--out", str(tmp_path)]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
+    # The flag reaches the configuration (and is refused for a method without a support set).
+    assert main(["vision", "--method", "forml", "--recompute-support", "--epochs", "1",
+                 "--batch-size", "8", "--max-steps-per-epoch", "1", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path)]) == 2
+    assert "recompute_support applies to FaAlGrad's alignment wrapper only" in (
+        capsys.readouterr().err)
 
 
 def test_amp_dtype_is_float16_on_cuda_and_bfloat16_on_cpu_by_default() -> None:
