@@ -128,8 +128,9 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             holds the support's second-order pass or the query pass, no longer both at once
             (on the benchmark's ResNet-18, 24 support and 40 query rows, from 1.56x to 1.18x
             the plain step's live tensor bytes; little gain where the support set is as large
-            as the query set), for one more support forward and two more backward passes per
-            inner step (there about 20 % more time). Needs the default inner optimizer (SGD)
+            as the query set), for one more support forward and backward per inner step (the
+            Hessian-vector product takes the place of the default's double backward; there
+            about 20 % more time). Needs the default inner optimizer (SGD)
             and ``first_order=False``; refused with ``compiled=True``. No effect with
             ``inner_steps=0``. Works with ``grad_scaler``, ``track_alignment`` and DDP (under
             ``sync="exact"`` one more all-reduce per inner step).

@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     vision.add_argument("--recompute-support", action="store_true",
                         help="faalgrad: run the support pass again for a Hessian-vector product "
                              "instead of keeping its second-order graph through the query pass "
-                             "(less peak memory, one more forward and two backward passes)")
+                             "(less peak memory, one more support forward and backward)")
     vision.add_argument("--inner-lr", type=float, default=0.01)
     vision.add_argument("--inner-steps", type=int, default=1)
     vision.add_argument("--seeds", type=_ints, default=[0], help="e.g. 0,1,2")

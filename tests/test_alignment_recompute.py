@@ -10,6 +10,7 @@ memory peak, and the options it cannot be combined with.
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,10 @@ def noisy_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3),
                          nn.Linear(8, 3))
+
+
+def bce(output: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
 
 
 def batches(seed: int = 1):
@@ -138,8 +143,6 @@ def test_options_recompute_support_cannot_serve_are_refused(options: dict, clash
 def test_recompute_support_is_not_part_of_the_saved_configuration() -> None:
     """It changes how the step is computed, not what: a checkpoint moves between the two
     without a configuration warning."""
-    import warnings
-
     model = noisy_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     kept = GradientAlignmentWrapper(model, optimizer, F.cross_entropy)
@@ -149,10 +152,6 @@ def test_recompute_support_is_not_part_of_the_saved_configuration() -> None:
         warnings.simplefilter("error")
         recomputed.load_state_dict(kept.state_dict())
     assert "recompute_support" not in kept.config()
-
-
-def bce(output: Tensor, target: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
 
 
 def test_inner_steps_zero_ignores_recompute_support() -> None:
