@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metafair_opt import GradientAlignmentWrapper
 from metafair_opt.benchmark import (
+    INNER_LR,
     VARIANTS,
     WORKLOADS,
     make_reweighter_step,
@@ -150,3 +152,27 @@ def test_step_memory_against_plain(benchmark, variant: str) -> None:
         f"resnet18 {variant}: {ours['peak_rss_mb']:.0f} MB = {ratio:.2f}x plain's "
         f"{plain['peak_rss_mb']:.0f} MB"
     )
+
+
+def test_recompute_support_with_five_inner_steps(benchmark) -> None:
+    """Peak live tensor bytes of W2's alignment step with 5 inner steps, with and without
+    recompute_support (its time in ``extra_info``): by default the peak holds five support
+    passes' second-order graphs; recomputed, one at a time, beside the adapted parameters."""
+    w = make_workload("resnet18")
+    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
+    steps = {}
+    for recompute in (False, True):
+        model = w.model(torch.device("cpu"))
+        aligner = GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=1e-3),
+                                           w.loss, inner_lr=INNER_LR, inner_steps=5,
+                                           recompute_support=recompute)
+
+        def step(aligner=aligner) -> None:
+            aligner.zero_grad()
+            aligner.step((xs, ys), (xq, yq))
+        steps["recomputed" if recompute else "kept"] = step
+    medians = time_interleaved(steps, 3, warmup=1)
+    live_mb = {name: peak_live_mb(step) for name, step in steps.items()}
+    benchmark.extra_info.update(median_ms=medians, peak_live_mb=live_mb)
+    benchmark.pedantic(steps["recomputed"], rounds=1)
+    assert live_mb["recomputed"] < 0.5 * live_mb["kept"], live_mb
