@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metafair_opt import GradientAlignmentWrapper
 from metafair_opt.benchmark import (
-    INNER_LR,
     VARIANTS,
     WORKLOADS,
+    make_alignment_step,
     make_reweighter_step,
     make_step,
     make_workload,
@@ -159,18 +158,8 @@ def test_recompute_support_with_five_inner_steps(benchmark) -> None:
     recompute_support (its time in ``extra_info``): by default the peak holds five support
     passes' second-order graphs; recomputed, one at a time, beside the adapted parameters."""
     w = make_workload("resnet18")
-    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
-    steps = {}
-    for recompute in (False, True):
-        model = w.model(torch.device("cpu"))
-        aligner = GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=1e-3),
-                                           w.loss, inner_lr=INNER_LR, inner_steps=5,
-                                           recompute_support=recompute)
-
-        def step(aligner=aligner) -> None:
-            aligner.zero_grad()
-            aligner.step((xs, ys), (xq, yq))
-        steps["recomputed" if recompute else "kept"] = step
+    steps = {name: make_alignment_step(w, inner_steps=5, recompute_support=recompute)[0]
+             for name, recompute in (("kept", False), ("recomputed", True))}
     medians = time_interleaved(steps, 3, warmup=1)
     live_mb = {name: peak_live_mb(step) for name, step in steps.items()}
     benchmark.extra_info.update(median_ms=medians, peak_live_mb=live_mb)

@@ -342,9 +342,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         ``track_alignment``, unless ``with_alignment`` is False)."""
         fm = self._fmodel
         theta0 = fm.params
-        has_buffers = bool(fm.buffer_names)
-        scratch = fm.clone_buffers() if has_buffers else {}
-        committed = fm.clone_buffers() if has_buffers else {}
+        scratch, committed = self._buffer_copies()
 
         params: tuple[Tensor, ...] = theta0
         state = self.inner_optimizer.init(params) if self._custom_inner else None
@@ -381,6 +379,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                                          allow_unused=True)
         return meta_grads, committed, watched, alignment
 
+    def _buffer_copies(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Two copies of the model's buffers: ``scratch`` for the forwards whose buffer updates
+        are discarded (inner steps, alignment), ``committed`` for the query forward's."""
+        fm = self._fmodel
+        if not fm.buffer_names:
+            return {}, {}
+        return fm.clone_buffers(), fm.clone_buffers()
+
     def _support_gradient(
         self, params: tuple[Tensor, ...], buffers: dict[str, Tensor], x_s: Batch, y_s: Any,
         share: float, i: int, create_graph: bool,
@@ -411,9 +417,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         fm = self._fmodel
         theta0 = fm.params
         device = theta0[0].device
-        has_buffers = bool(fm.buffer_names)
-        scratch = fm.clone_buffers() if has_buffers else {}
-        committed = fm.clone_buffers() if has_buffers else {}
+        scratch, committed = self._buffer_copies()
 
         # First pass: the inner steps without a second-order graph; what each support forward
         # saw (parameters, buffers, random state) is kept to run it again.
@@ -483,9 +487,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                float | None]:
         """:meth:`_meta_gradient`'s results, computed by the compiled ``torch.func`` form."""
         fm = self._fmodel
-        has_buffers = bool(fm.buffer_names)
-        scratch = fm.clone_buffers() if has_buffers else {}
-        committed = fm.clone_buffers() if has_buffers else {}
+        scratch, committed = self._buffer_copies()
         if self._compiled_meta_gradient is None:
             self._compiled_meta_gradient = compile_method(self._functional_meta_gradient)
         theta0 = tuple(p.detach() for p in fm.params)

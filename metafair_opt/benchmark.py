@@ -47,6 +47,7 @@ __all__ = [
     "Workload",
     "check_agreement",
     "machine_description",
+    "make_alignment_step",
     "make_reweighter_step",
     "make_step",
     "make_workload",
@@ -80,6 +81,11 @@ class Workload:
     y_val: Tensor
     g_val: Tensor
     loss: Callable[..., Tensor]
+
+    def sets(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The training batch split into X_s, y_s, X_q, y_q."""
+        return (self.x[self.support], self.y[self.support], self.x[~self.support],
+                self.y[~self.support])
 
     def model(self, device: torch.device) -> nn.Module:
         torch.manual_seed(0)
@@ -125,7 +131,7 @@ def _higher_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable
     import higher
 
     inner = torch.optim.SGD(model.parameters(), lr=INNER_LR)
-    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
+    xs, ys, xq, yq = w.sets()
 
     def step() -> None:
         optimizer.zero_grad()
@@ -141,7 +147,7 @@ def _higher_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable
 def _torchfunc_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable[[], None]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
+    xs, ys, xq, yq = w.sets()
 
     def step() -> None:
         optimizer.zero_grad()
@@ -221,7 +227,6 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
     device = torch.device(device)
     model = w.model(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    xs, ys, xq, yq = w.x[w.support], w.y[w.support], w.x[~w.support], w.y[~w.support]
     n = w.x.shape[0]
     if variant == "plain":
         def plain() -> None:
@@ -230,17 +235,11 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
             optimizer.step()
         return plain, model, None
     if variant.startswith("alignment"):
-        aligner = GradientAlignmentWrapper(
-            model, optimizer, loss_fn=w.loss, inner_lr=INNER_LR,
-            inner_steps=5 if variant == "alignment_5_inner" else 1,
+        align = _alignment_step(
+            w, model, optimizer, inner_steps=5 if variant == "alignment_5_inner" else 1,
             first_order=variant.startswith("alignment_first_order"),
             compiled=variant.endswith("_compiled"),
-            recompute_support=variant == "alignment_recompute",
-        )
-
-        def align() -> None:
-            aligner.zero_grad()
-            aligner.step(support=(xs, ys), query=(xq, yq))
+            recompute_support=variant == "alignment_recompute")
         return align, model, None
     if variant.startswith("reweighter"):
         reweight, rw = _reweighter_step(
@@ -259,6 +258,30 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         raise ValueError(f"Unknown variant {variant!r}; choose from {list(VARIANTS)}.")
     weights = (lambda: table.clone()) if variant.endswith("reweighter") else None
     return peers[variant](), model, weights
+
+
+def make_alignment_step(w: Workload, device: torch.device | str = "cpu", lr: float = 1e-3,
+                        **options: Any) -> tuple[Callable[[], None], nn.Module]:
+    """The ``alignment`` variant's step on ``w`` with ``options`` (``GradientAlignmentWrapper``
+    keyword arguments, e.g. ``inner_steps=5, recompute_support=True``) set, and the model it
+    trains."""
+    model = w.model(torch.device(device))
+    step = _alignment_step(w, model, torch.optim.SGD(model.parameters(), lr=lr), **options)
+    return step, model
+
+
+def _alignment_step(w: Workload, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    **options: Any) -> Callable[[], None]:
+    """One alignment step on ``w``'s X_s/X_q split (the benchmark's inner rate, ``options`` on
+    top)."""
+    xs, ys, xq, yq = w.sets()
+    aligner = GradientAlignmentWrapper(model, optimizer, loss_fn=w.loss,
+                                       **{"inner_lr": INNER_LR, **options})
+
+    def align() -> None:
+        aligner.zero_grad()
+        aligner.step(support=(xs, ys), query=(xq, yq))
+    return align
 
 
 def make_reweighter_step(w: Workload, device: torch.device | str = "cpu", lr: float = 1e-3,
