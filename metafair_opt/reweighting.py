@@ -49,6 +49,7 @@ from metafair_opt._functional import (
     differentiable_sgd_update,
 )
 from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
+from metafair_opt._second_order import has_second_order_ops, second_order_ops
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
@@ -127,10 +128,12 @@ class SampleReweighter(MetaOptimizerBase):
         weight_grad_mode: how the meta-loss's gradient on the batch's weights is computed; the
             result is the same up to rounding. ``"reverse"`` back-propagates through the
             look-ahead (its gradient is built with ``create_graph=True``, then differentiated
-            again); ``"forward"`` takes the meta-loss's gradient ``v`` at the look-ahead
-            parameters and one forward-mode pass (``torch.autograd.forward_ad``) of the training
-            losses along ``v``, with no second-order graph: less memory, and faster on large
-            models, but slower on small ones where each operation's fixed cost dominates. The
+            again; a model's convolutions and training-mode batch norm take the cheaper second
+            derivatives of :mod:`metafair_opt._second_order` there); ``"forward"`` takes the
+            meta-loss's gradient ``v`` at the look-ahead parameters and one forward-mode pass
+            (``torch.autograd.forward_ad``) of the training losses along ``v``, with no
+            second-order graph: less memory, and faster on large models, but slower on small
+            ones where each operation's fixed cost dominates. The
             model and loss must support forward-mode AD (every built-in layer does); random
             draws such as dropout are replayed, so both modes see the same losses; under float16
             autocast the forward-mode pass runs in float32 (forward mode has no loss scaling).
@@ -228,6 +231,7 @@ class SampleReweighter(MetaOptimizerBase):
         self._forward_mode = not self.compiled and (
             weight_grad_mode == "forward" or self.recompute_forward
             or (weight_grad_mode == "auto" and size >= FORWARD_MODE_MIN_PARAMETERS))
+        self._second_order_ops = has_second_order_ops(model)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
         (self._meta_loss_fn, self._needs_groups, self.meta_loss_name,
@@ -465,7 +469,11 @@ class SampleReweighter(MetaOptimizerBase):
         theta = fm.params
         rng = (rng_snapshot(theta[0].device) if validation is not None and self._forward_mode
                else None)
-        losses = self._per_sample_losses(fm(theta, committed, x), y, "training loss")
+        # A reverse-mode meta step differentiates this forward's gradient once more.
+        with second_order_ops(validation is not None and not self._forward_mode
+                              and self._second_order_ops):
+            output = fm(theta, committed, x)
+        losses = self._per_sample_losses(output, y, "training loss")
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
         adam_rows: Tensor | None = None
         meta = group_ids = group_means = None

@@ -1,0 +1,305 @@
+"""metafair_opt._second_order: convolutions and batch norm with cheap second derivatives.
+
+Each routed operation is checked against PyTorch's own (float64): values, first derivatives,
+second derivatives (a vector-Hessian product through ``create_graph=True``), running statistics,
+and ``gradgradcheck`` (finite differences of the second derivative, so the third order too).
+Calls the mode does not cover must run PyTorch's operation unchanged. Then the alignment
+wrapper's second-order meta-gradient on a convolutional model with BatchNorm, with the mode in
+use, against a hand-written one with PyTorch's operations and against finite differences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import metafair_opt._second_order as second_order
+from metafair_opt import GradientAlignmentWrapper, SampleReweighter
+from metafair_opt._second_order import has_second_order_ops, second_order_ops
+from tests.helpers import rel_error
+
+pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def first_and_second_derivatives(module: nn.Module, x: Tensor, routed: bool
+                                 ) -> tuple[list[Tensor], ...]:
+    """Output, gradient of a non-linear loss in (x, parameters), and the derivative of that
+    gradient along fixed random directions; with or without the mode."""
+    inputs = [x, *module.parameters()]
+    with second_order_ops(routed):
+        out = module(x)
+    loss = (out.sin() * torch.linspace(-1, 2, out.numel()).view_as(out)).sum()
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    g = torch.Generator().manual_seed(7)
+    directions = [torch.randn(t.shape, generator=g) for t in grads]
+    second = torch.autograd.grad(grads, inputs, grad_outputs=directions)
+    return [out.detach()], [t.detach() for t in grads], list(second)
+
+
+def assert_same_as_pytorch(module: nn.Module, x: Tensor, node: str) -> None:
+    buffers = {n: b.clone() for n, b in module.named_buffers()}
+    native = first_and_second_derivatives(module, x, routed=False)
+    after_native = {n: b.clone() for n, b in module.named_buffers()}
+    for n, b in module.named_buffers():
+        b.copy_(buffers[n])
+    with second_order_ops():
+        assert type(module(x).grad_fn).__name__ == node  # the mode did route the call
+    for n, b in module.named_buffers():
+        b.copy_(buffers[n])
+    routed = first_and_second_derivatives(module, x, routed=True)
+    for ours, theirs in zip(routed, native):
+        assert rel_error(ours, theirs) < 1e-12
+    for n, b in module.named_buffers():  # running statistics moved as PyTorch moves them
+        assert torch.allclose(b, after_native[n], rtol=0, atol=1e-14), n
+
+
+@pytest.mark.parametrize("dims, options", [
+    (2, dict(kernel_size=3, padding=1)),
+    (2, dict(kernel_size=3, stride=2, padding=1, groups=2, bias=False)),
+    (2, dict(kernel_size=(3, 2), stride=(2, 1), padding=(0, 1), dilation=(1, 2))),
+    (2, dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect")),
+    (1, dict(kernel_size=3, stride=2)),
+    (3, dict(kernel_size=2, stride=(1, 2, 1), padding=1)),
+], ids=["plain", "strided-grouped-nobias", "rectangular-dilated", "reflect", "1d", "3d"])
+def test_convolution_matches_pytorch_to_second_order(dims: int, options: dict) -> None:
+    torch.manual_seed(0)
+    conv = CONV[dims](4, 6, **options)
+    x = torch.randn(3, 4, *([7] * dims), requires_grad=True)
+    assert_same_as_pytorch(conv, x, "_ConvolutionBackward")
+
+
+@pytest.mark.parametrize("dims, affine, track", [
+    (2, True, True), (2, False, True), (2, True, False), (1, True, True), (3, True, True),
+], ids=["2d", "no-affine", "no-running-stats", "1d", "3d"])
+def test_batch_norm_matches_pytorch_to_second_order(dims: int, affine: bool,
+                                                    track: bool) -> None:
+    torch.manual_seed(0)
+    norm = NORM[dims](3, affine=affine, track_running_stats=track)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    x = (torch.randn(4, 3, *([5] * dims)) * 2 + 1).requires_grad_(True)
+    assert_same_as_pytorch(norm, x, "_BatchNormBackward")
+
+
+def test_batch_norm_1d_on_rows_matches_pytorch() -> None:
+    """BatchNorm1d on (N, C): the statistics are over the rows alone."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(5)
+    assert_same_as_pytorch(norm, torch.randn(6, 5, requires_grad=True), "_BatchNormBackward")
+
+
+@pytest.mark.parametrize("which", ["convolution", "batch_norm"])
+def test_third_order_by_gradgradcheck(which: str) -> None:
+    torch.manual_seed(0)
+    if which == "convolution":
+        module: nn.Module = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    else:
+        module = nn.BatchNorm2d(2)
+        x = torch.randn(3, 2, 3, 3, requires_grad=True)
+    names = [n for n, _ in module.named_parameters()]
+
+    def routed(x: Tensor, *params: Tensor) -> Tensor:
+        with second_order_ops():
+            return functional_call(module, dict(zip(names, params)), (x,))
+
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    assert torch.autograd.gradgradcheck(routed, (x, *params))
+
+
+def test_only_the_gradient_of_the_weight_or_input_is_built_when_only_it_is_needed() -> None:
+    """Frozen weights or an input without gradient: the Functions skip those terms."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+    conv.weight.requires_grad_(False)
+    x = torch.randn(2, 2, 6, 6)  # no gradient for the input
+    with second_order_ops():
+        out = norm(conv(x))
+    params = [conv.bias, norm.weight, norm.bias]
+    grads = torch.autograd.grad(out.pow(3).sum(), params, create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in grads), params)
+    out_native = norm(conv(x))
+    grads_native = torch.autograd.grad(out_native.pow(3).sum(), params, create_graph=True)
+    second_native = torch.autograd.grad(sum(g.sum() for g in grads_native), params)
+    assert rel_error([g.detach() for g in grads], [g.detach() for g in grads_native]) < 1e-12
+    assert rel_error(list(second), list(second_native)) < 1e-12
+
+
+@pytest.mark.parametrize("case", ["padding-same", "unbatched", "eval-batch-norm", "float32-ok",
+                                  "bfloat16", "autocast", "one-value-per-channel"])
+def test_calls_the_mode_does_not_cover_run_pytorchs_operation(case: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding="same" if case == "padding-same" else 0)
+    norm = nn.BatchNorm2d(2)
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    if case == "padding-same":
+        module, expected = conv, "ConvolutionBackward0"
+    elif case == "unbatched":
+        module, x, expected = conv, torch.randn(2, 5, 5, requires_grad=True), "SqueezeBackward1"
+    elif case == "eval-batch-norm":
+        module, expected = norm.eval(), "NativeBatchNormBackward0"
+    elif case == "float32-ok":
+        module, x, expected = conv.float(), x.detach().float().requires_grad_(), \
+            "_ConvolutionBackward"
+    elif case == "bfloat16":
+        module, x = conv.bfloat16(), x.detach().bfloat16().requires_grad_()
+        expected = "ConvolutionBackward0"
+    elif case == "autocast":
+        module, x, expected = conv.float(), x.detach().float(), "ConvolutionBackward0"
+    else:
+        with second_order_ops(), pytest.raises(ValueError, match="more than 1 value per channel"):
+            norm(torch.randn(1, 2, 1, 1))
+        return
+    with second_order_ops(), torch.autocast("cpu", enabled=case == "autocast"):
+        out = module(x)
+    assert type(out.grad_fn).__name__ == expected
+
+
+def test_has_second_order_ops_finds_convolutions_and_batch_norm_at_any_depth() -> None:
+    assert has_second_order_ops(nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1))))
+    assert has_second_order_ops(nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2)))
+    assert not has_second_order_ops(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
+
+
+# ------------------------------------------------------------------------ in the wrappers
+@pytest.fixture
+def routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many convolution and batch norm calls the mode routed (counted while the test runs)."""
+    counts = {"convolution": 0, "batch_norm": 0}
+    for name, key in (("_Convolution", "convolution"), ("_BatchNorm", "batch_norm")):
+        function = getattr(second_order, name)
+        original = function.apply
+
+        def counted(*args, _original=original, _key=key):
+            counts[_key] += 1
+            return _original(*args)
+        monkeypatch.setattr(function, "apply", counted)
+    return counts
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+                         nn.Conv2d(3, 3, 3, stride=2), nn.BatchNorm2d(3), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(12, 1))
+
+
+def small_batches(seed: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(5, 2, 5, 5, generator=g), (torch.rand(5, generator=g) > 0.5).double(),
+            torch.randn(6, 2, 5, 5, generator=g), (torch.rand(6, generator=g) > 0.5).double())
+
+
+def bce(output: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
+
+
+def query_loss_after_inner(model: nn.Module, params: list[Tensor], batches, lr: float,
+                           steps: int, create_graph: bool) -> Tensor:
+    """With PyTorch's own operations: the inner SGD steps on X_s (buffers on a copy), then
+    the query loss at the adapted parameters (on another copy)."""
+    xs, ys, xq, yq = batches
+    names = [n for n, _ in model.named_parameters()]
+    scratch = {n: b.clone() for n, b in model.named_buffers()}
+    for _ in range(steps):
+        out = functional_call(model, {**dict(zip(names, params)), **scratch}, (xs,))
+        grads = torch.autograd.grad(bce(out, ys), params, create_graph=create_graph)
+        params = [p - lr * g for p, g in zip(params, grads)]
+    committed = {n: b.clone() for n, b in model.named_buffers()}
+    return bce(functional_call(model, {**dict(zip(names, params)), **committed}, (xq,)), yq)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_wrapper_meta_gradient_on_a_cnn_matches_pytorchs_operations(
+        inner_steps: int, recompute: bool, routed: dict[str, int]) -> None:
+    batches, lr = small_batches(), 0.4
+    model = small_cnn()
+    params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    expected = torch.autograd.grad(
+        query_loss_after_inner(model, params0, batches, lr, inner_steps, create_graph=True),
+        params0)
+
+    xs, ys, xq, yq = batches
+    wrapper = GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                       loss_fn=bce, inner_lr=lr, inner_steps=inner_steps,
+                                       recompute_support=recompute)
+    wrapper.step(support=(xs, ys), query=(xq, yq))
+    assert routed == {"convolution": 2 * inner_steps, "batch_norm": 2 * inner_steps}
+    assert rel_error([p.grad for p in model.parameters()], list(expected)) < 1e-10
+
+    # Finite differences of the query loss after the inner steps (PyTorch's operations).
+    eps, numeric = 1e-6, []
+    for k, tensor in enumerate(params0):
+        grad = torch.zeros_like(tensor)
+        for idx in range(tensor.numel()):
+            values = []
+            for sign in (1.0, -1.0):
+                shifted = [t.detach().clone().requires_grad_(True) for t in params0]
+                shifted[k].data.view(-1)[idx] += sign * eps
+                values.append(query_loss_after_inner(model, shifted, batches, lr, inner_steps,
+                                                     create_graph=False).item())
+            grad.view(-1)[idx] = (values[0] - values[1]) / (2 * eps)
+        numeric.append(grad)
+    assert rel_error([p.grad for p in model.parameters()], numeric) < 1e-6
+
+
+def test_first_order_and_model_without_such_modules_do_not_use_the_mode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    entered = []
+    original = second_order._SecondOrderOps.__enter__
+
+    def spy(self):
+        entered.append(True)
+        return original(self)
+    monkeypatch.setattr(second_order._SecondOrderOps, "__enter__", spy)
+    xs, ys, xq, yq = small_batches()
+    model = small_cnn()
+    GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=bce,
+                             first_order=True).step(support=(xs, ys), query=(xq, yq))
+    assert not entered
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(50, 1))
+    GradientAlignmentWrapper(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1),
+                             loss_fn=bce).step(support=(xs, ys), query=(xq, yq))
+    assert not entered
+    GradientAlignmentWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             loss_fn=bce).step(support=(xs, ys), query=(xq, yq))
+    assert entered
+
+
+def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(routed: dict[str, int]
+                                                                    ) -> None:
+    """The reverse mode's training forward goes through the mode (its gradient is
+    differentiated again); the forward mode (a jvp, PyTorch's operations) is the reference.
+    Two steps, so the second starts from what the first changed (weights, running stats)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 2, (8,), generator=g)
+    val = (torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 2, (6,), generator=g),
+           torch.arange(6) % 2)
+    idx = torch.tensor([4, 0, 9, 2, 7, 1, 5, 3])
+    outcomes = {}
+    for mode in ("reverse", "forward"):
+        model = nn.Sequential(*list(small_cnn(seed=4))[:-1], nn.Linear(12, 2))
+        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              num_samples=10, loss_fn=F.cross_entropy, weight_lr=2.0,
+                              lookahead_lr=0.5, weight_grad_mode=mode)
+        for _ in range(2):
+            rw.zero_grad()
+            rw.step(x, y, idx, val=val)
+        outcomes[mode] = (rw.weights.clone(), [t.clone() for t in model.state_dict().values()])
+        if mode == "reverse":
+            assert routed == {"convolution": 4, "batch_norm": 4}
+    (w_rev, s_rev), (w_fwd, s_fwd) = outcomes["reverse"], outcomes["forward"]
+    assert w_rev.abs().max() > 1e-3  # the weights moved, so the comparison means something
+    assert torch.allclose(w_rev, w_fwd, rtol=0, atol=1e-12)
+    for a, b in zip(s_rev, s_fwd):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert routed == {"convolution": 4, "batch_norm": 4}  # none in the forward mode
