@@ -233,10 +233,9 @@ def _as_list(value: int | Sequence[int], dims: int) -> list[int]:
     return [value] * dims if isinstance(value, int) else list(value)
 
 
-def _covered(x: Tensor, dims: int) -> bool:
-    """Whether the Functions take this input (else PyTorch's operation runs as it is)."""
-    return (x.dim() == dims + 2 and x.dtype in _FLOATS
-            and not torch.is_autocast_enabled(x.device.type))
+def _routable(x: Tensor) -> bool:
+    """Whether the Functions take this input's dtype (else PyTorch's operation runs as it is)."""
+    return x.dtype in _FLOATS and not torch.is_autocast_enabled(x.device.type)
 
 
 class _SecondOrderOps(TorchFunctionMode):
@@ -247,7 +246,7 @@ class _SecondOrderOps(TorchFunctionMode):
         if dims is not None:
             x, weight, bias, stride, padding, dilation, groups = _bind(
                 args, kwargs, _CONVOLUTION_ARGS, _CONVOLUTION_DEFAULTS)
-            if not isinstance(padding, str) and _covered(x, dims):
+            if not isinstance(padding, str) and x.dim() == dims + 2 and _routable(x):
                 return _Convolution.apply(x, weight, bias, _as_list(stride, dims),
                                           _as_list(padding, dims), _as_list(dilation, dims),
                                           groups)
@@ -255,8 +254,7 @@ class _SecondOrderOps(TorchFunctionMode):
             x, running_mean, running_var, weight, bias, training, momentum, eps = _bind(
                 args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
             # One value per channel: PyTorch's own call raises its error for it.
-            if (training and x.dim() >= 2 and _covered(x, x.dim() - 2)
-                    and x.numel() > x.shape[1]):
+            if training and x.dim() >= 2 and _routable(x) and x.numel() > x.shape[1]:
                 return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum,
                                         eps)
         return func(*args, **kwargs)

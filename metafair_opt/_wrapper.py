@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from metafair_opt._functional import FunctionalModel, check_optimizer_holds
+from metafair_opt._second_order import has_second_order_ops
 from metafair_opt.distributed import SyncMode, resolve_model
 
 __all__ = ["MetaOptimizerBase"]
@@ -48,6 +49,9 @@ class MetaOptimizerBase(ABC):
         module, self._coll = resolve_model(model, sync)
         self.sync: SyncMode = sync
         self._fmodel = FunctionalModel(module)
+        # Whether the second-order forwards route convolutions and batch norm (none to route
+        # would only cost the mode's per-call overhead).
+        self._second_order_ops = has_second_order_ops(module)
         check_optimizer_holds(self._fmodel.named_params, optimizer)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(

@@ -34,7 +34,7 @@ from metafair_opt._functional import (
     select_rows,
 )
 from metafair_opt._random import replaying, rng_snapshot
-from metafair_opt._second_order import has_second_order_ops, second_order_ops
+from metafair_opt._second_order import second_order_ops
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.splits import SplitStrategy, as_row_vector
@@ -173,7 +173,6 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 f"on_empty must be 'fallback', 'skip' or 'error'; got {on_empty!r}."
             )
         self._attach(model, optimizer, grad_scaler, sync)
-        self._second_order_ops = has_second_order_ops(model)
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)

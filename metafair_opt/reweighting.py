@@ -49,7 +49,7 @@ from metafair_opt._functional import (
     differentiable_sgd_update,
 )
 from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
-from metafair_opt._second_order import has_second_order_ops, second_order_ops
+from metafair_opt._second_order import second_order_ops
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
@@ -231,7 +231,6 @@ class SampleReweighter(MetaOptimizerBase):
         self._forward_mode = not self.compiled and (
             weight_grad_mode == "forward" or self.recompute_forward
             or (weight_grad_mode == "auto" and size >= FORWARD_MODE_MIN_PARAMETERS))
-        self._second_order_ops = has_second_order_ops(model)
         self.num_samples = int(num_samples)
         self.loss_fn = loss_fn
         (self._meta_loss_fn, self._needs_groups, self.meta_loss_name,
