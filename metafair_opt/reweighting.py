@@ -42,6 +42,7 @@ from metafair_opt._compiled import (
     compile_failure,
     compile_method,
 )
+from metafair_opt._forward_replay import PrimalRecord, recording_primals, replaying_primals
 from metafair_opt._functional import (
     Batch,
     batch_size,
@@ -133,7 +134,9 @@ class SampleReweighter(MetaOptimizerBase):
             meta-loss's gradient ``v`` at the look-ahead parameters and one forward-mode pass
             (``torch.autograd.forward_ad``) of the training losses along ``v``, with no
             second-order graph: less memory, and faster on large models, but slower on small
-            ones where each operation's fixed cost dominates. The
+            ones where each operation's fixed cost dominates (that pass takes the training
+            forward's convolution outputs as its primal values instead of computing them again,
+            see :mod:`metafair_opt._forward_replay`). The
             model and loss must support forward-mode AD (every built-in layer does); random
             draws such as dropout are replayed, so both modes see the same losses; under float16
             autocast the forward-mode pass runs in float32 (forward mode has no loss scaling).
@@ -466,11 +469,15 @@ class SampleReweighter(MetaOptimizerBase):
         fm, coll = self._fmodel, self._coll
         committed = fm.clone_buffers() if fm.buffer_names else {}
         theta = fm.params
-        rng = (rng_snapshot(theta[0].device) if validation is not None and self._forward_mode
-               else None)
+        forward_meta_step = validation is not None and self._forward_mode
+        rng = rng_snapshot(theta[0].device) if forward_meta_step else None
+        # The forward-mode pass repeats this forward and can take its convolution outputs;
+        # recompute_forward frees them in between, so nothing is recorded for it.
+        record = PrimalRecord() if forward_meta_step and self._second_order_ops else None
         # A reverse-mode meta step differentiates this forward's gradient once more.
         with second_order_ops(validation is not None and not self._forward_mode
-                              and self._second_order_ops):
+                              and self._second_order_ops), \
+                recording_primals(None if self.recompute_forward else record):
             output = fm(theta, committed, x)
         losses = self._per_sample_losses(output, y, "training loss")
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
@@ -479,7 +486,7 @@ class SampleReweighter(MetaOptimizerBase):
         current = block[:, _WEIGHT]
         if validation is not None:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
-                theta, losses, current, inverse, (x, y, rng), *validation
+                theta, losses, current, inverse, (x, y, rng, record), *validation
             )
             # Each rank's gradient on the rows of its own samples, summed over ranks.
             row_grads = coll.sum(row_grads)
@@ -613,13 +620,15 @@ class SampleReweighter(MetaOptimizerBase):
 
     def _meta_gradient(
         self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
-        inverse: Tensor | slice | None, train: tuple[Batch, Any, RngSnapshot | None],
+        inverse: Tensor | slice | None,
+        train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None],
         x_val: Batch, y_val: Any, g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
         validation losses and the (group ids, group mean losses), all detached.
 
-        ``train`` is the training batch ``(x, y, rng_state)``, replayed by the forward mode.
+        ``train`` is the training batch ``(x, y, rng_state, primal_record)``, replayed by the
+        forward mode.
         """
         fm, coll = self._fmodel, self._coll
         forward = self._forward_mode
@@ -694,7 +703,8 @@ class SampleReweighter(MetaOptimizerBase):
     def _forward_row_gradients(
         self, v: Sequence[Tensor], theta: tuple[Tensor, ...],
         weights: Tensor, step: float, logits: Tensor, inverse: Tensor | slice | None,
-        scratch: dict[str, Tensor], train: tuple[Batch, Any, RngSnapshot | None],
+        scratch: dict[str, Tensor],
+        train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None],
     ) -> Tensor:
         """The meta-loss's gradient on the batch's rows without a second-order graph.
 
@@ -706,11 +716,12 @@ class SampleReweighter(MetaOptimizerBase):
         """
         coll = self._coll
         v = tuple(t.detach() for t in coll.sum_differentiable(v))  # exact: every rank's rows
-        x, y, rng = train
+        x, y, rng, record = train
         assert rng is not None  # taken before the training forward whenever the mode is forward
         # Replay the training forward's random draws (dropout) so the derivatives are those of
         # the very losses the step weights; the generators continue as if nothing ran here.
-        with replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level():
+        with (replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level(),
+              replaying_primals(record)):
             duals = _make_duals(theta, v)
             try:
                 output = self._fmodel(duals, scratch, x)

@@ -1,0 +1,248 @@
+"""metafair_opt._forward_replay: a forward-mode pass that takes a recorded forward's
+convolution outputs as its primal values.
+
+Every check is against PyTorch's own forward-mode AD of the same model (float64): primal and
+tangent of the output, with the record taken, with a record that does not line up, with an
+output written in place, and with batch norm's tangent for each combination of dual inputs.
+Then the reweighter's forward-mode weight gradient on a residual CNN against the same step with
+PyTorch's jvp.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import metafair_opt.reweighting as reweighting
+from metafair_opt import SampleReweighter
+from metafair_opt._forward_replay import PrimalRecord, recording_primals, replaying_primals
+
+pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
+
+
+class Block(nn.Module):
+    """A residual block as timm's: conv, BN, in-place ReLU, conv, BN, += shortcut, ReLU."""
+
+    def __init__(self, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 4, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.down = nn.Sequential(nn.Conv2d(channels, 4, 1, stride=stride), nn.BatchNorm2d(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        out += self.down(x)
+        return F.relu(out, inplace=True)
+
+
+def residual_cnn(seed: int = 0, classes: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
+                         Block(3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, classes))
+
+
+def dual_forward(model: nn.Module, x: Tensor, tangents: dict[str, Tensor], context) -> tuple:
+    """Primal and tangent of ``model(x)`` with the named parameters dual along ``tangents`` (the
+    others plain), on a copy of the buffers, inside ``context``."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with fwad.dual_level(), context:
+        values = {n: fwad.make_dual(p.detach(), tangents[n]) if n in tangents else p.detach()
+                  for n, p in params.items()}
+        primal, tangent = fwad.unpack_dual(functional_call(model, (values, buffers), (x,)))
+        return primal.clone(), tangent.clone()
+
+
+def recorded(model: nn.Module, x: Tensor) -> tuple[PrimalRecord, Tensor]:
+    """A record of ``model(x)`` (buffers on a copy) and the output, whose graph holds the
+    recorded tensors as a training forward's would."""
+    record = PrimalRecord()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with recording_primals(record):
+        output = functional_call(model, (dict(model.named_parameters()), buffers), (x,))
+    return record, output
+
+
+def directions(model: nn.Module, seed: int = 5) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def batch(seed: int = 1, rows: int = 6) -> Tensor:
+    return torch.randn(rows, 2, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(got: tuple[Tensor, Tensor], expected: tuple[Tensor, Tensor]) -> None:
+    assert expected[1].abs().max() > 1e-3  # a tangent that means something
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_replay_takes_every_recorded_output_and_matches_pytorchs_jvp() -> None:
+    model, x = residual_cnn(), batch()
+    tangents = directions(model)
+    expected = dual_forward(model, x, tangents, nullcontext())
+    record, _ = recorded(model, x)
+    assert len(record.convolutions) == 4
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 4
+    assert_same(got, expected)
+    assert record.convolutions == []  # emptied on exit: the outputs can be freed
+
+
+def test_one_dimensional_convolutions_are_taken_too() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Conv1d(3, 2, 2),
+                          nn.Flatten())
+    x = torch.randn(5, 2, 7, generator=torch.Generator().manual_seed(1))
+    tangents = directions(model)
+    record, _ = recorded(model, x)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 2
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+def test_the_primal_values_are_the_recorded_ones() -> None:
+    """A recorded output swapped for other values (of the version it was recorded at) shows
+    up in the replay's output, so the replay really takes it instead of computing it."""
+    model, x = residual_cnn(), batch()
+    record, _ = recorded(model, x)
+    last = record.convolutions[-1]
+    noise = torch.randn(last.output.shape, generator=torch.Generator().manual_seed(9))
+    record.convolutions[-1] = type(last)(last.output.detach() + noise, 0, last.weight,
+                                         last.input_shape)
+    plain = dual_forward(model, x, directions(model), nullcontext())[0]
+    replayed = dual_forward(model, x, directions(model), replaying_primals(record))[0]
+    assert (replayed - plain).abs().max() > 1e-3
+
+
+def test_a_record_that_does_not_line_up_is_not_used() -> None:
+    """Recorded on one model, replayed on another of the same shape: nothing is taken (other
+    weights), and the result is the second model's jvp."""
+    first, second, x = residual_cnn(seed=0), residual_cnn(seed=1), batch()
+    record, _ = recorded(first, x)
+    tangents = directions(second)
+    got = dual_forward(second, x, tangents, replaying_primals(record))
+    assert record.reused == 0
+    assert_same(got, dual_forward(second, x, tangents, nullcontext()))
+
+
+def test_another_batch_size_is_not_used() -> None:
+    model = residual_cnn()
+    record, _ = recorded(model, batch(rows=6))
+    x = batch(seed=2, rows=5)
+    tangents = directions(model)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 0
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+def test_an_output_written_in_place_is_not_taken_nor_the_ones_after_it() -> None:
+    """conv -> in-place ReLU (no batch norm between): the recorded output is changed in place,
+    so the replay computes it, and every convolution after it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3),
+                          nn.ReLU(inplace=True), nn.Conv2d(3, 2, 2), nn.Flatten())
+    x = batch()
+    record, _ = recorded(model, x)
+    tangents = directions(model)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 1
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+@pytest.mark.parametrize(("affine", "dual"), [
+    (True, "input"), (True, "weight"), (True, "bias"), (True, "weight_and_bias"), (True, "all"),
+    (False, "input"), (False, "all")])
+def test_batch_norm_tangent_matches_pytorchs(affine: bool, dual: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=affine), nn.Tanh(),
+                          nn.Flatten())
+    with torch.no_grad():
+        if affine:
+            model[1].weight.normal_()
+            model[1].bias.normal_()
+    names = {"input": ["0.weight", "0.bias"], "weight": ["1.weight"], "bias": ["1.bias"],
+             "weight_and_bias": ["1.weight", "1.bias"],
+             "all": [n for n, _ in model.named_parameters()]}[dual]
+    tangents = {n: t for n, t in directions(model).items() if n in names}
+    x = batch()
+    got = dual_forward(model, x, tangents, replaying_primals(PrimalRecord()))
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+def test_batch_norm_in_the_replay_updates_running_statistics_as_pytorch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, momentum=0.3))
+    tangents, x = directions(model), batch()
+    stats = []
+    for context in (nullcontext(), replaying_primals(PrimalRecord())):
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        with fwad.dual_level(), context:
+            values = {n: fwad.make_dual(p.detach(), tangents[n])
+                      for n, p in model.named_parameters()}
+            functional_call(model, (values, buffers), (x,))
+        stats.append(buffers)
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(stats[0][name], stats[1][name])
+    assert not torch.equal(stats[0]["1.running_mean"], model[1].running_mean)
+
+
+def test_without_a_record_nothing_is_routed() -> None:
+    assert isinstance(replaying_primals(None), nullcontext)
+    assert isinstance(recording_primals(None), nullcontext)
+
+
+# ------------------------------------------------------------------------ in the reweighter
+def reweighter_run(monkeypatch: pytest.MonkeyPatch, replay: bool, **options) -> tuple:
+    """Two forward-mode reweighting steps on the residual CNN; ``replay=False`` swaps the
+    replay for PyTorch's own jvp. Returns the weights, the model's state and how many recorded
+    outputs were taken."""
+    taken = []
+    original = PrimalRecord.take
+
+    def counted(self, *args):
+        out = original(self, *args)
+        taken.append(out is not None)
+        return out
+    with monkeypatch.context() as patch:
+        patch.setattr(PrimalRecord, "take", counted)
+        if not replay:
+            patch.setattr(reweighting, "recording_primals", lambda record: nullcontext())
+            patch.setattr(reweighting, "replaying_primals", lambda record: nullcontext())
+        g = torch.Generator().manual_seed(3)
+        x, y = batch(seed=3, rows=8), torch.randint(0, 3, (8,), generator=g)
+        val = (batch(seed=4), torch.randint(0, 3, (6,), generator=g), torch.arange(6) % 2)
+        idx = torch.tensor([4, 0, 9, 2, 7, 1, 5, 3])
+        model = residual_cnn(seed=4, classes=3)
+        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              num_samples=10, loss_fn=F.cross_entropy, weight_lr=2.0,
+                              lookahead_lr=0.5, weight_grad_mode="forward", **options)
+        for _ in range(2):
+            rw.zero_grad()
+            rw.step(x, y, idx, val=val)
+    return rw.weights.clone(), [t.clone() for t in model.state_dict().values()], sum(taken)
+
+
+@pytest.mark.parametrize("options", [{}, {"recompute_forward": True}],
+                         ids=["kept", "recompute_forward"])
+def test_reweighter_forward_mode_with_replay_matches_pytorchs_jvp(
+        monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+    w_got, state_got, taken = reweighter_run(monkeypatch, replay=True, **options)
+    w_ref, state_ref, _ = reweighter_run(monkeypatch, replay=False, **options)
+    # Four convolutions a step, two steps; recompute_forward frees them, so none is taken.
+    assert taken == (0 if options else 8)
+    assert w_ref.abs().max() > 1e-3  # the weights moved, so the comparison means something
+    assert torch.allclose(w_got, w_ref, rtol=0, atol=1e-12)
+    for a, b in zip(state_got, state_ref):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
