@@ -9,9 +9,12 @@ figure in the message.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+import metafair_opt.reweighting as reweighting
 from metafair_opt.benchmark import (
     VARIANTS,
     WORKLOADS,
@@ -132,6 +135,31 @@ def test_weight_gradient_modes(benchmark, workload: str) -> None:
     benchmark.pedantic(steps["forward"], rounds=3, warmup_rounds=1)
     faster = min(medians, key=medians.__getitem__)
     assert faster == ("forward" if workload == "resnet18" else "reverse"), medians
+
+
+def test_forward_mode_primal_replay(benchmark, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W2's eager reweighter (forward mode, the ``reweighter`` row) against the same step with
+    PyTorch's own forward-mode pass (``metafair_opt._forward_replay`` switched off: the
+    convolutions' primal values computed again, BatchNorm's tangent by PyTorch's formula),
+    timed interleaved with the plain step; the replay must be the faster."""
+    w = make_workload("resnet18")
+    replayed, _ = make_reweighter_step(w, weight_grad_mode="forward")
+    pytorch_jvp, _ = make_reweighter_step(w, weight_grad_mode="forward")
+
+    def without_replay() -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(reweighting, "recording_primals", lambda _: contextlib.nullcontext())
+            patch.setattr(reweighting, "replaying_primals", lambda _: contextlib.nullcontext())
+            pytorch_jvp()
+    steps = {"plain": make_step("plain", w)[0], "replay": replayed, "pytorch_jvp": without_replay}
+    medians = time_interleaved(steps, REPEATS["resnet18"])
+    live_mb = {name: peak_live_mb(step) for name, step in steps.items()}
+    benchmark.extra_info.update(
+        median_ms=medians, peak_live_mb=live_mb,
+        replay_over_pytorch_jvp=medians["replay"] / medians["pytorch_jvp"],
+        ratio_to_plain={name: medians[name] / medians["plain"] for name in medians})
+    benchmark.pedantic(replayed, rounds=3, warmup_rounds=1)
+    assert medians["replay"] < medians["pytorch_jvp"], medians
 
 
 @pytest.mark.parametrize("variant", ["alignment", "reweighter", "alignment_compiled",

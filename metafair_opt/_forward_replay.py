@@ -8,12 +8,17 @@ on the benchmark's ResNet-18 the primal convolutions were about a quarter of the
 
 :func:`recording_primals` notes, while the training forward runs, each convolution's output in
 call order; :func:`replaying_primals`, during the dual pass of the same model at the same
-parameters on the same batch (random draws replayed), hands those outputs back as the primal and
-computes only the tangent. A recorded output is taken only if the call lines up with the
-recording (the same weight tensor, input shape and dtype) and nothing has written to it in place
-since; from the first call that does not line up on, every convolution is computed in full.
+parameters on the same batch (random draws and buffers as the training forward had them), hands
+those outputs back as the primal and computes only the tangent. The record holds weak
+references: an output that the training forward's graph does not keep alive (one only an
+out-of-place ReLU read, say) is gone by then and is computed again, so the record costs no
+memory. A recorded output is taken only if the call lines up with the recording (the same
+weight, by storage or by value, and input shape) and nothing has written to it in place since
+(writes through ``.data`` bypass that check); from the first call that does not line up on,
+every convolution is computed in full. Calls under autocast are neither recorded nor taken.
 The pass is for values: the recorded outputs come back detached and the tangents are
 computed without a reverse-mode graph, so neither can be differentiated again.
+
 Training-mode batch norm gets its tangent from PyTorch's fused kernels (the input term is batch
 norm's own backward kernel, as its Jacobian in the input is symmetric) instead of the composite
 of a dozen full-size operations PyTorch's forward-mode formula builds.
@@ -21,6 +26,7 @@ of a dozen full-size operations PyTorch's forward-mode formula builds.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,10 +53,11 @@ _aten = torch.ops.aten
 
 
 @dataclass
-class _Convolution:
-    output: Tensor
-    version: int  # output._version when recorded: a later in-place write changes it
+class _RecordedOutput:
+    output: weakref.ref[Tensor]
+    version: int  # the output's _version when recorded: a later in-place write changes it
     weight: Tensor
+    weight_version: int
     input_shape: torch.Size
 
 
@@ -58,25 +65,35 @@ class _Convolution:
 class PrimalRecord:
     """The convolution outputs of one forward, in call order, and how far a replay has got."""
 
-    convolutions: list[_Convolution] = field(default_factory=list)
+    outputs: list[_RecordedOutput] = field(default_factory=list)
     position: int = 0
-    in_step: bool = True  # False once a replayed call did not line up
+    aligned: bool = True  # False once a replayed call did not line up with the recording
     reused: int = 0  # how many outputs the replay took (the tests read it)
 
     def take(self, x: Tensor, weight: Tensor) -> Tensor | None:
-        """The recorded output for this call of the replay, or None (and no more reuse)."""
-        if not self.in_step or self.position >= len(self.convolutions):
-            self.in_step = False
+        """The recorded output for this call of the replay, or None (then computed)."""
+        if not self.aligned or self.position >= len(self.outputs):
+            self._stop()
             return None
-        entry = self.convolutions[self.position]
+        entry = self.outputs[self.position]
         self.position += 1
-        if (entry.weight.data_ptr() != weight.data_ptr() or entry.weight.shape != weight.shape
-                or entry.input_shape != x.shape or entry.output.dtype != x.dtype
-                or entry.output._version != entry.version):
-            self.in_step = False
+        # The same weight: unchanged since the recording, and the very tensor or one equal to
+        # it (a weight recomputed by a parametrization, a buffer on another copy).
+        if not (entry.input_shape == x.shape and entry.weight.shape == weight.shape
+                and entry.weight._version == entry.weight_version
+                and (entry.weight.data_ptr() == weight.data_ptr()
+                     or torch.equal(entry.weight, weight))):
+            self._stop()
             return None
+        output = entry.output()
+        if output is None or output._version != entry.version:
+            return None  # freed, or written to: computed again, and the next ones still line up
         self.reused += 1
-        return entry.output.detach()
+        return output.detach()
+
+    def _stop(self) -> None:
+        self.aligned = False
+        self.outputs.clear()
 
 
 def recording_primals(record: PrimalRecord | None) -> Any:
@@ -86,8 +103,7 @@ def recording_primals(record: PrimalRecord | None) -> Any:
 
 def replaying_primals(record: PrimalRecord | None) -> Any:
     """A context for the dual pass that repeats ``record``'s forward (see the module's
-    docstring; a no-op for None). ``record`` is emptied on exit, so the outputs it held can be
-    freed."""
+    docstring; a no-op for None). ``record`` is emptied on exit."""
     return _Replaying(record) if record is not None else nullcontext()
 
 
@@ -102,9 +118,11 @@ class _Recording(TorchFunctionMode):
         output = func(*args, **kwargs)
         if func in _CONVOLUTIONS:
             x, weight = _bind(args, kwargs, _CONVOLUTION_ARGS, _CONVOLUTION_DEFAULTS)[:2]
-            if _routable(x):  # not under autocast: the dual pass runs without float16 autocast
-                self.record.convolutions.append(
-                    _Convolution(output, output._version, weight, x.shape))
+            # Under autocast the output's dtype is autocast's, which the dual pass (float16
+            # autocast off) may not share: such calls are skipped here and in the replay alike.
+            if _routable(x):
+                self.record.outputs.append(_RecordedOutput(
+                    weakref.ref(output), output._version, weight, weight._version, x.shape))
         return output
 
 
@@ -121,7 +139,7 @@ class _Replaying(TorchFunctionMode):
         self.record = record
 
     def __exit__(self, *exc: Any) -> Any:
-        self.record.convolutions.clear()
+        self.record.outputs.clear()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
@@ -131,17 +149,17 @@ class _Replaying(TorchFunctionMode):
             return self._convolution(func, _bind(args, kwargs, _CONVOLUTION_ARGS,
                                                  _CONVOLUTION_DEFAULTS))
         if func is F.batch_norm:
-            values = _bind(args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
-            x, training = values[0], values[5]
+            x, running_mean, running_var, weight, bias, training, momentum, eps = _bind(
+                args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
             if training and x.dim() >= 2 and _routable(x) and x.numel() > x.shape[1]:
-                return _batch_norm(*values)
+                return _batch_norm(x, running_mean, running_var, weight, bias, momentum, eps)
         return func(*args, **kwargs)
 
     def _convolution(self, func: Any, values: list[Any]) -> Tensor:
         x, weight, bias, stride, padding, dilation, groups = values
         (x_p, x_t), (w_p, w_t), (b_p, b_t) = _split(x), _split(weight), _split(bias)
         assert x_p is not None and w_p is not None
-        primal = self.record.take(x_p, w_p)
+        primal = self.record.take(x_p, w_p) if _routable(x_p) else None
         if primal is None:
             primal = func(x_p, w_p, b_p, stride, padding, dilation, groups)
         with torch.no_grad():  # the tangent is no part of a reverse-mode graph of the primal
@@ -152,13 +170,14 @@ class _Replaying(TorchFunctionMode):
                 term = func(x_p, w_t, b_t, stride, padding, dilation, groups)
                 tangent = term if tangent is None else tangent.add_(term)
             elif b_t is not None:
-                term = b_t.view([1, -1] + [1] * (primal.dim() - 2)).expand_as(primal)
+                # One value per output channel, broadcast from the right (batched or not).
+                term = b_t.view([-1] + [1] * (w_p.dim() - 2)).expand_as(primal)
                 tangent = term.clone() if tangent is None else tangent.add_(term)
         return primal if tangent is None else fwad.make_dual(primal, tangent)
 
 
 def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float,
+                weight: Tensor | None, bias: Tensor | None, momentum: float,
                 eps: float) -> Tensor:
     """Training-mode batch norm of possibly dual inputs. With x_hat = (x - mean) r, the tangent
     is weight r (x_t - mean(x_t) - x_hat mean(x_t x_hat)) + weight_t x_hat + bias_t; the first
@@ -172,10 +191,11 @@ def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | No
         if x_t is not None:
             tangent = _aten.native_batch_norm_backward(
                 x_t, x_p, w_p, None, None, mean, invstd, True, eps, [True, False, False])[0]
-        if w_t is not None or b_t is not None:
-            if w_t is None:
-                w_t = torch.zeros_like(b_t)
+        if w_t is not None:
             # Batch norm with weight_t and bias_t as its affine part is weight_t x_hat + bias_t.
             term = _aten.native_batch_norm(x_p, w_t, b_t, None, None, True, 0.0, eps)[0]
             tangent = term if tangent is None else tangent.add_(term)
+        elif b_t is not None:
+            term = b_t.view([1, -1] + [1] * (x_p.dim() - 2)).expand_as(primal)
+            tangent = term.clone() if tangent is None else tangent.add_(term)
     return primal if tangent is None else fwad.make_dual(primal, tangent)

@@ -471,8 +471,9 @@ class SampleReweighter(MetaOptimizerBase):
         theta = fm.params
         forward_meta_step = validation is not None and self._forward_mode
         rng = rng_snapshot(theta[0].device) if forward_meta_step else None
-        # The forward-mode pass repeats this forward and can take its convolution outputs;
-        # recompute_forward frees them in between, so nothing is recorded for it.
+        # The forward-mode pass repeats this forward and can take its convolution outputs.
+        # recompute_forward frees this forward's graph before that pass, and with it the
+        # outputs the record could take: nothing is recorded for it.
         record = PrimalRecord() if forward_meta_step and self._second_order_ops else None
         # A reverse-mode meta step differentiates this forward's gradient once more.
         with second_order_ops(validation is not None and not self._forward_mode
@@ -672,7 +673,7 @@ class SampleReweighter(MetaOptimizerBase):
             meta, val_losses, means = meta.detach(), val_losses.detach(), means.detach()
             del target, theta_tilde
             row_grads = self._forward_row_gradients(
-                v, theta, weights.detach(), step, logits, inverse, scratch, train)
+                v, theta, weights.detach(), step, logits, inverse, train)
         else:
             (row_grads,) = self._unscaled(torch.autograd.grad(
                 target, logits, retain_graph=True, allow_unused=True))
@@ -703,7 +704,6 @@ class SampleReweighter(MetaOptimizerBase):
     def _forward_row_gradients(
         self, v: Sequence[Tensor], theta: tuple[Tensor, ...],
         weights: Tensor, step: float, logits: Tensor, inverse: Tensor | slice | None,
-        scratch: dict[str, Tensor],
         train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None],
     ) -> Tensor:
         """The meta-loss's gradient on the batch's rows without a second-order graph.
@@ -714,17 +714,19 @@ class SampleReweighter(MetaOptimizerBase):
         derivatives of the training losses along ``v``, one forward-mode pass for the whole
         batch. The softmax's backward maps them to the logits.
         """
-        coll = self._coll
+        fm, coll = self._fmodel, self._coll
         v = tuple(t.detach() for t in coll.sum_differentiable(v))  # exact: every rank's rows
         x, y, rng, record = train
         assert rng is not None  # taken before the training forward whenever the mode is forward
-        # Replay the training forward's random draws (dropout) so the derivatives are those of
-        # the very losses the step weights; the generators continue as if nothing ran here.
+        # Replay the training forward's random draws (dropout), on the buffers it started from
+        # (a copy: the model's own are committed only with the step), so the derivatives are
+        # those of the very losses the step weights; the generators continue as if nothing ran
+        # here.
         with (replaying(rng), _without_float16_autocast(theta[0].device), fwad.dual_level(),
               replaying_primals(record)):
             duals = _make_duals(theta, v)
             try:
-                output = self._fmodel(duals, scratch, x)
+                output = self._fmodel(duals, fm.clone_buffers() if fm.buffer_names else {}, x)
                 dual_losses = self._per_sample_losses(output, y, "training loss")
             except RuntimeError as error:  # torch's missing-jvp errors derive from it
                 if "forward" not in str(error) and "jvp" not in str(error):

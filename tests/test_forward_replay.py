@@ -10,6 +10,9 @@ PyTorch's jvp.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import weakref
 from contextlib import nullcontext
 
 import pytest
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+import metafair_opt._forward_replay as forward_replay
 import metafair_opt.reweighting as reweighting
 from metafair_opt import SampleReweighter
 from metafair_opt._forward_replay import PrimalRecord, recording_primals, replaying_primals
@@ -93,11 +97,11 @@ def test_replay_takes_every_recorded_output_and_matches_pytorchs_jvp() -> None:
     tangents = directions(model)
     expected = dual_forward(model, x, tangents, nullcontext())
     record, _ = recorded(model, x)
-    assert len(record.convolutions) == 4
+    assert len(record.outputs) == 4
     got = dual_forward(model, x, tangents, replaying_primals(record))
     assert record.reused == 4
     assert_same(got, expected)
-    assert record.convolutions == []  # emptied on exit: the outputs can be freed
+    assert record.outputs == []  # emptied on exit
 
 
 def test_one_dimensional_convolutions_are_taken_too() -> None:
@@ -117,10 +121,11 @@ def test_the_primal_values_are_the_recorded_ones() -> None:
     up in the replay's output, so the replay really takes it instead of computing it."""
     model, x = residual_cnn(), batch()
     record, _ = recorded(model, x)
-    last = record.convolutions[-1]
-    noise = torch.randn(last.output.shape, generator=torch.Generator().manual_seed(9))
-    record.convolutions[-1] = type(last)(last.output.detach() + noise, 0, last.weight,
-                                         last.input_shape)
+    last = record.outputs[-1]
+    output = last.output()
+    noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(9))
+    swapped = output.detach() + noise
+    record.outputs[-1] = dataclasses.replace(last, output=weakref.ref(swapped), version=0)
     plain = dual_forward(model, x, directions(model), nullcontext())[0]
     replayed = dual_forward(model, x, directions(model), replaying_primals(record))[0]
     assert (replayed - plain).abs().max() > 1e-3
@@ -137,6 +142,35 @@ def test_a_record_that_does_not_line_up_is_not_used() -> None:
     assert_same(got, dual_forward(second, x, tangents, nullcontext()))
 
 
+def test_after_a_call_that_does_not_line_up_nothing_is_taken() -> None:
+    """The second convolution is the same module in both models, but its input comes from
+    another first convolution: once the first call does not line up, the second (same weight,
+    same input shape) must not be taken either."""
+    torch.manual_seed(0)
+    shared = nn.Conv2d(3, 2, 3)
+    first = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), shared, nn.BatchNorm2d(2),
+                          nn.Flatten())
+    second = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), shared, nn.BatchNorm2d(2),
+                           nn.Flatten())
+    x = batch()
+    record, _ = recorded(first, x)
+    tangents = directions(second)
+    got = dual_forward(second, x, tangents, replaying_primals(record))
+    assert record.reused == 0
+    assert_same(got, dual_forward(second, x, tangents, nullcontext()))
+
+
+def test_a_weight_changed_in_place_since_the_recording_is_not_taken() -> None:
+    model, x = residual_cnn(), batch()
+    record, _ = recorded(model, x)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    tangents = directions(model)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 0
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
 def test_another_batch_size_is_not_used() -> None:
     model = residual_cnn()
     record, _ = recorded(model, batch(rows=6))
@@ -147,12 +181,33 @@ def test_another_batch_size_is_not_used() -> None:
     assert_same(got, dual_forward(model, x, tangents, nullcontext()))
 
 
-def test_an_output_written_in_place_is_not_taken_nor_the_ones_after_it() -> None:
-    """conv -> in-place ReLU (no batch norm between): the recorded output is changed in place,
-    so the replay computes it, and every convolution after it."""
+def test_a_weight_of_another_shape_on_the_same_storage_is_not_taken() -> None:
+    """The replayed convolution's weight starts where the recorded one does (a slice of it):
+    same storage, other shape, so nothing is taken."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3),
-                          nn.ReLU(inplace=True), nn.Conv2d(3, 2, 2), nn.Flatten())
+    full = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
+    x = batch()
+    record, _ = recorded(full, x)
+    sliced = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten())
+    sliced[0].weight = nn.Parameter(full[0].weight[:3])
+    assert sliced[0].weight.data_ptr() == full[0].weight.data_ptr()
+    tangents = directions(sliced)
+    got = dual_forward(sliced, x, tangents, replaying_primals(record))
+    assert record.reused == 0
+    assert_same(got, dual_forward(sliced, x, tangents, nullcontext()))
+
+
+def test_a_weight_recomputed_with_the_same_values_is_taken() -> None:
+    """A parametrization builds the weight afresh at every call (other storage, same values)."""
+
+    class Doubled(nn.Module):
+        def forward(self, weight: Tensor) -> Tensor:
+            return 2 * weight
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    nn.utils.parametrize.register_parametrization(conv, "weight", Doubled())
+    model = nn.Sequential(conv, nn.BatchNorm2d(3), nn.Flatten())
     x = batch()
     record, _ = recorded(model, x)
     tangents = directions(model)
@@ -161,10 +216,69 @@ def test_an_output_written_in_place_is_not_taken_nor_the_ones_after_it() -> None
     assert_same(got, dual_forward(model, x, tangents, nullcontext()))
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_convolution_with_only_its_bias_dual(batched: bool) -> None:
+    """A frozen weight and a trainable bias (the tangent is the bias tangent, broadcast)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.Tanh(), nn.Conv2d(5, 2, 2))
+    x = batch()
+    if not batched:
+        x = x[0]
+    tangents = {n: t for n, t in directions(model).items() if n.endswith("bias")}
+    record, _ = recorded(model, x)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+def test_the_record_keeps_no_output_alive() -> None:
+    """Weak references: an output batch norm saves for its backward is there to be taken; one
+    only an out-of-place ReLU read (it saves its own result) is freed, and computed again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3), nn.ReLU(),
+                          nn.Conv2d(3, 2, 2), nn.BatchNorm2d(2), nn.Flatten())
+    x = batch()
+    record, _graph = recorded(model, x)  # the graph alive, as the training forward's is
+    gc.collect()
+    assert [entry.output() is not None for entry in record.outputs] == [True, False, True]
+    tangents = directions(model)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 2  # the freed one computed, the one after it still taken
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+def test_an_output_written_in_place_is_not_taken() -> None:
+    """conv -> in-place ReLU (no batch norm between): the recorded output is changed in place,
+    so the replay computes it; the convolutions after it are still taken."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3),
+                          nn.ReLU(inplace=True), nn.Conv2d(3, 2, 2), nn.Flatten())
+    x = batch()
+    record, _graph = recorded(model, x)
+    tangents = directions(model)
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == 2
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
+@pytest.fixture
+def routed_batch_norms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the batch norm calls the replay computes itself (one entry each)."""
+    calls: list[int] = []
+    original = forward_replay._batch_norm
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+    monkeypatch.setattr(forward_replay, "_batch_norm", counted)
+    return calls
+
+
 @pytest.mark.parametrize(("affine", "dual"), [
-    (True, "input"), (True, "weight"), (True, "bias"), (True, "weight_and_bias"), (True, "all"),
+    (True, "input"), (True, "weight"), (True, "bias"), (True, "weight_and_bias"),
+    (True, "input_and_weight"), (True, "input_and_bias"), (True, "all"),
     (False, "input"), (False, "all")])
-def test_batch_norm_tangent_matches_pytorchs(affine: bool, dual: str) -> None:
+def test_batch_norm_tangent_matches_pytorchs(affine: bool, dual: str,
+                                             routed_batch_norms: list[int]) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=affine), nn.Tanh(),
                           nn.Flatten())
@@ -172,12 +286,15 @@ def test_batch_norm_tangent_matches_pytorchs(affine: bool, dual: str) -> None:
         if affine:
             model[1].weight.normal_()
             model[1].bias.normal_()
-    names = {"input": ["0.weight", "0.bias"], "weight": ["1.weight"], "bias": ["1.bias"],
-             "weight_and_bias": ["1.weight", "1.bias"],
+    conv = ["0.weight", "0.bias"]  # dual convolution parameters make the input dual
+    names = {"input": conv, "weight": ["1.weight"], "bias": ["1.bias"],
+             "weight_and_bias": ["1.weight", "1.bias"], "input_and_weight": [*conv, "1.weight"],
+             "input_and_bias": [*conv, "1.bias"],
              "all": [n for n, _ in model.named_parameters()]}[dual]
     tangents = {n: t for n, t in directions(model).items() if n in names}
     x = batch()
     got = dual_forward(model, x, tangents, replaying_primals(PrimalRecord()))
+    assert routed_batch_norms == [1]
     assert_same(got, dual_forward(model, x, tangents, nullcontext()))
 
 
@@ -204,10 +321,11 @@ def test_without_a_record_nothing_is_routed() -> None:
 
 
 # ------------------------------------------------------------------------ in the reweighter
-def reweighter_run(monkeypatch: pytest.MonkeyPatch, replay: bool, **options) -> tuple:
-    """Two forward-mode reweighting steps on the residual CNN; ``replay=False`` swaps the
-    replay for PyTorch's own jvp. Returns the weights, the model's state and how many recorded
-    outputs were taken."""
+def reweighter_run(monkeypatch: pytest.MonkeyPatch, replay: bool, model: nn.Module | None = None,
+                   mode: str = "forward", **options) -> tuple:
+    """Two reweighting steps (forward mode unless ``mode`` says otherwise) on the residual CNN
+    or ``model``; ``replay=False`` swaps the replay for PyTorch's own jvp. Returns the weights,
+    the model's state and how many recorded outputs were taken."""
     taken = []
     original = PrimalRecord.take
 
@@ -224,10 +342,10 @@ def reweighter_run(monkeypatch: pytest.MonkeyPatch, replay: bool, **options) -> 
         x, y = batch(seed=3, rows=8), torch.randint(0, 3, (8,), generator=g)
         val = (batch(seed=4), torch.randint(0, 3, (6,), generator=g), torch.arange(6) % 2)
         idx = torch.tensor([4, 0, 9, 2, 7, 1, 5, 3])
-        model = residual_cnn(seed=4, classes=3)
+        model = model if model is not None else residual_cnn(seed=4, classes=3)
         rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
                               num_samples=10, loss_fn=F.cross_entropy, weight_lr=2.0,
-                              lookahead_lr=0.5, weight_grad_mode="forward", **options)
+                              lookahead_lr=0.5, weight_grad_mode=mode, **options)
         for _ in range(2):
             rw.zero_grad()
             rw.step(x, y, idx, val=val)
@@ -237,12 +355,49 @@ def reweighter_run(monkeypatch: pytest.MonkeyPatch, replay: bool, **options) -> 
 @pytest.mark.parametrize("options", [{}, {"recompute_forward": True}],
                          ids=["kept", "recompute_forward"])
 def test_reweighter_forward_mode_with_replay_matches_pytorchs_jvp(
-        monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+        monkeypatch: pytest.MonkeyPatch, options: dict, routed_batch_norms: list[int]) -> None:
     w_got, state_got, taken = reweighter_run(monkeypatch, replay=True, **options)
+    # Four batch norms a step in the forward-mode pass, two steps.
+    assert len(routed_batch_norms) == 8
     w_ref, state_ref, _ = reweighter_run(monkeypatch, replay=False, **options)
+    assert len(routed_batch_norms) == 8
     # Four convolutions a step, two steps; recompute_forward frees them, so none is taken.
     assert taken == (0 if options else 8)
     assert w_ref.abs().max() > 1e-3  # the weights moved, so the comparison means something
     assert torch.allclose(w_got, w_ref, rtol=0, atol=1e-12)
     for a, b in zip(state_got, state_ref):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+class RunningCentre(nn.Module):
+    """Subtracts a running mean of its input in training mode too (its output reads a buffer
+    the forward updates), as running normalisers do."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("centre", torch.linspace(-1.0, 1.0, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x - self.centre.view(1, -1, 1, 1)
+        self.centre.mul_(0.5).add_(x.detach().mean((0, 2, 3)), alpha=0.5)
+        return out
+
+
+def test_the_forward_mode_pass_sees_the_buffers_the_training_forward_saw(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reverse mode differentiates the training forward itself, so it is the reference; the
+    forward-mode pass must run on the buffers that forward started from (not on those the
+    validation forward has moved), or its tangents belong to other activations."""
+    def model() -> nn.Module:
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Conv2d(2, 3, 3), RunningCentre(3), nn.Tanh(), nn.Conv2d(3, 3, 3),
+                             nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    w_fwd, state_fwd, taken = reweighter_run(monkeypatch, replay=True, model=model())
+    w_rev, state_rev, _ = reweighter_run(monkeypatch, replay=True, model=model(), mode="reverse")
+    # The second convolution's output each step (batch norm keeps it); the first one's only
+    # feeds a subtraction, which keeps nothing, so it is freed and computed again.
+    assert taken == 2
+    assert w_rev.abs().max() > 1e-3
+    assert torch.allclose(w_fwd, w_rev, rtol=0, atol=1e-12)
+    for a, b in zip(state_fwd, state_rev):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
