@@ -81,7 +81,8 @@ class PrimalRecord:
         # it (a weight recomputed by a parametrization, a buffer on another copy).
         if not (entry.input_shape == x.shape and entry.weight.shape == weight.shape
                 and entry.weight._version == entry.weight_version
-                and (entry.weight.data_ptr() == weight.data_ptr()
+                and ((entry.weight.data_ptr() == weight.data_ptr()
+                     and entry.weight.stride() == weight.stride())
                      or torch.equal(entry.weight, weight))):
             self._stop()
             return None
