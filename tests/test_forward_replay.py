@@ -92,6 +92,15 @@ def assert_same(got: tuple[Tensor, Tensor], expected: tuple[Tensor, Tensor]) -> 
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
+def assert_replay_matches_pytorch(model: nn.Module, x: Tensor, record: PrimalRecord,
+                                  reused: int, tangents: dict[str, Tensor] | None = None) -> None:
+    """The dual pass replaying ``record`` takes ``reused`` outputs and gives PyTorch's jvp."""
+    tangents = directions(model) if tangents is None else tangents
+    got = dual_forward(model, x, tangents, replaying_primals(record))
+    assert record.reused == reused
+    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+
+
 def test_replay_takes_every_recorded_output_and_matches_pytorchs_jvp() -> None:
     model, x = residual_cnn(), batch()
     tangents = directions(model)
@@ -136,10 +145,7 @@ def test_a_record_that_does_not_line_up_is_not_used() -> None:
     weights), and the result is the second model's jvp."""
     first, second, x = residual_cnn(seed=0), residual_cnn(seed=1), batch()
     record, _ = recorded(first, x)
-    tangents = directions(second)
-    got = dual_forward(second, x, tangents, replaying_primals(record))
-    assert record.reused == 0
-    assert_same(got, dual_forward(second, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(second, x, record, reused=0)
 
 
 def test_after_a_call_that_does_not_line_up_nothing_is_taken() -> None:
@@ -154,10 +160,7 @@ def test_after_a_call_that_does_not_line_up_nothing_is_taken() -> None:
                            nn.Flatten())
     x = batch()
     record, _ = recorded(first, x)
-    tangents = directions(second)
-    got = dual_forward(second, x, tangents, replaying_primals(record))
-    assert record.reused == 0
-    assert_same(got, dual_forward(second, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(second, x, record, reused=0)
 
 
 def test_a_weight_changed_in_place_since_the_recording_is_not_taken() -> None:
@@ -165,20 +168,14 @@ def test_a_weight_changed_in_place_since_the_recording_is_not_taken() -> None:
     record, _ = recorded(model, x)
     with torch.no_grad():
         model[0].weight.mul_(1.5)
-    tangents = directions(model)
-    got = dual_forward(model, x, tangents, replaying_primals(record))
-    assert record.reused == 0
-    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(model, x, record, reused=0)
 
 
 def test_another_batch_size_is_not_used() -> None:
     model = residual_cnn()
     record, _ = recorded(model, batch(rows=6))
     x = batch(seed=2, rows=5)
-    tangents = directions(model)
-    got = dual_forward(model, x, tangents, replaying_primals(record))
-    assert record.reused == 0
-    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(model, x, record, reused=0)
 
 
 def test_a_weight_of_another_shape_on_the_same_storage_is_not_taken() -> None:
@@ -191,10 +188,7 @@ def test_a_weight_of_another_shape_on_the_same_storage_is_not_taken() -> None:
     sliced = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten())
     sliced[0].weight = nn.Parameter(full[0].weight[:3])
     assert sliced[0].weight.data_ptr() == full[0].weight.data_ptr()
-    tangents = directions(sliced)
-    got = dual_forward(sliced, x, tangents, replaying_primals(record))
-    assert record.reused == 0
-    assert_same(got, dual_forward(sliced, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(sliced, x, record, reused=0)
 
 
 def test_a_weight_recomputed_with_the_same_values_is_taken() -> None:
@@ -210,10 +204,7 @@ def test_a_weight_recomputed_with_the_same_values_is_taken() -> None:
     model = nn.Sequential(conv, nn.BatchNorm2d(3), nn.Flatten())
     x = batch()
     record, _ = recorded(model, x)
-    tangents = directions(model)
-    got = dual_forward(model, x, tangents, replaying_primals(record))
-    assert record.reused == 1
-    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(model, x, record, reused=1)
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -254,10 +245,7 @@ def test_an_output_written_in_place_is_not_taken() -> None:
                           nn.ReLU(inplace=True), nn.Conv2d(3, 2, 2), nn.Flatten())
     x = batch()
     record, _graph = recorded(model, x)
-    tangents = directions(model)
-    got = dual_forward(model, x, tangents, replaying_primals(record))
-    assert record.reused == 2
-    assert_same(got, dual_forward(model, x, tangents, nullcontext()))
+    assert_replay_matches_pytorch(model, x, record, reused=2)
 
 
 @pytest.fixture
