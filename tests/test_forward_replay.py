@@ -191,6 +191,19 @@ def test_a_weight_of_another_shape_on_the_same_storage_is_not_taken() -> None:
     assert_replay_matches_pytorch(sliced, x, record, reused=0)
 
 
+def test_a_weight_on_the_same_storage_with_other_strides_is_not_taken() -> None:
+    """A transposed view of the recorded weight: same storage and shape, other values."""
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.Flatten())
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    record, _ = recorded(first, x)
+    second = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.Flatten())
+    second[0].weight = nn.Parameter(first[0].weight.transpose(0, 1))
+    assert second[0].weight.data_ptr() == first[0].weight.data_ptr()
+    assert second[0].weight.shape == first[0].weight.shape
+    assert_replay_matches_pytorch(second, x, record, reused=0)
+
+
 def test_a_weight_recomputed_with_the_same_values_is_taken() -> None:
     """A parametrization builds the weight afresh at every call (other storage, same values)."""
 
