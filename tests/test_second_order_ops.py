@@ -286,8 +286,9 @@ def test_first_order_and_model_without_such_modules_do_not_use_the_mode(
 def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(routed: dict[str, int]
                                                                     ) -> None:
     """The reverse mode's training forward goes through the mode (its gradient is
-    differentiated again); the forward mode (a jvp, not routed here; tests/test_forward_replay.py
-    checks it against PyTorch's own jvp) must give the same steps. Two steps, so the second
+    differentiated again); the forward mode (a jvp, which takes none of this module's Functions;
+    tests/test_forward_replay.py checks it against PyTorch's own jvp) must give the same steps.
+    Two steps, so the second
     starts from what the first changed (weights, running stats)."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 2, (8,), generator=g)
