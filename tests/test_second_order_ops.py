@@ -288,8 +288,7 @@ def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(routed: dict[
     """The reverse mode's training forward goes through the mode (its gradient is
     differentiated again); the forward mode (a jvp, which takes none of this module's Functions;
     tests/test_forward_replay.py checks it against PyTorch's own jvp) must give the same steps.
-    Two steps, so the second
-    starts from what the first changed (weights, running stats)."""
+    Two steps, so the second starts from what the first changed (weights, running stats)."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 2, (8,), generator=g)
     val = (torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 2, (6,), generator=g),
