@@ -45,6 +45,7 @@ from metafair_opt._second_order import (
     _CONVOLUTIONS,
     _bind,
     _routable,
+    _routable_batch_norm,
 )
 
 __all__ = ["PrimalRecord", "recording_primals", "replaying_primals"]
@@ -152,7 +153,7 @@ class _Replaying(TorchFunctionMode):
         if func is F.batch_norm:
             x, running_mean, running_var, weight, bias, training, momentum, eps = _bind(
                 args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
-            if training and x.dim() >= 2 and _routable(x) and x.numel() > x.shape[1]:
+            if _routable_batch_norm(x, training):
                 return _batch_norm(x, running_mean, running_var, weight, bias, momentum, eps)
         return func(*args, **kwargs)
 

@@ -238,6 +238,13 @@ def _routable(x: Tensor) -> bool:
     return x.dtype in _FLOATS and not torch.is_autocast_enabled(x.device.type)
 
 
+def _routable_batch_norm(x: Tensor, training: bool) -> bool:
+    """Whether a ``batch_norm`` call is one the modes compute themselves: training mode, a
+    routable input, and more than one value per channel (for one, PyTorch's own call raises
+    its error)."""
+    return training and x.dim() >= 2 and _routable(x) and x.numel() > x.shape[1]
+
+
 class _SecondOrderOps(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -253,8 +260,7 @@ class _SecondOrderOps(TorchFunctionMode):
         elif func is F.batch_norm:
             x, running_mean, running_var, weight, bias, training, momentum, eps = _bind(
                 args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
-            # One value per channel: PyTorch's own call raises its error for it.
-            if training and x.dim() >= 2 and _routable(x) and x.numel() > x.shape[1]:
+            if _routable_batch_norm(x, training):
                 return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum,
                                         eps)
         return func(*args, **kwargs)
