@@ -34,7 +34,7 @@ from metafair_opt._functional import (
     select_rows,
 )
 from metafair_opt._random import replaying, rng_snapshot
-from metafair_opt._second_order import second_order_ops
+from metafair_opt._second_order import recomputed_batch_norm_gradients, second_order_ops
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.splits import SplitStrategy, as_row_vector
@@ -403,10 +403,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         with second_order_ops(create_graph and self._second_order_ops):
             output = self._fmodel(params, buffers, x_s)
         loss_s = self._loss(output, y_s, self._support_loss_name(i))
-        grads = self._unscaled(torch.autograd.grad(
-            self._scaled(loss_s * share), params, create_graph=create_graph,
-            materialize_grads=True,
-        ))
+        with recomputed_batch_norm_gradients(create_graph and self._second_order_ops):
+            grads = self._unscaled(torch.autograd.grad(
+                self._scaled(loss_s * share), params, create_graph=create_graph,
+                materialize_grads=True,
+            ))
         return loss_s, grads  # type: ignore[return-value]
 
     def _recomputed_meta_gradient(

@@ -50,7 +50,7 @@ from metafair_opt._functional import (
     differentiable_sgd_update,
 )
 from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
-from metafair_opt._second_order import second_order_ops
+from metafair_opt._second_order import recomputed_batch_norm_gradients, second_order_ops
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
 from metafair_opt.meta_losses import MetaLoss, group_mean_losses, resolve_meta_loss
@@ -640,9 +640,10 @@ class SampleReweighter(MetaOptimizerBase):
         weighted = (weights * losses).sum()
         # retain_graph keeps the training forward for the final update (unless it is to be
         # recomputed); only the reverse mode needs the graph of the gradient itself.
-        grads = self._unscaled(torch.autograd.grad(
-            self._scaled(weighted), theta, create_graph=not forward,
-            retain_graph=not self.recompute_forward, materialize_grads=True))
+        with recomputed_batch_norm_gradients(not forward and self._second_order_ops):
+            grads = self._unscaled(torch.autograd.grad(
+                self._scaled(weighted), theta, create_graph=not forward,
+                retain_graph=not self.recompute_forward, materialize_grads=True))
         grads = coll.sum_differentiable(grads)  # sync="exact": the global batch's gradient
         # The SGD look-ahead (torchopt.sgd's update); reverse_lookahead climbs instead (appendix
         # 7.1). Without a graph (forward mode) one fused op does it.

@@ -10,6 +10,8 @@ use, against a hand-written one with PyTorch's operations and against finite dif
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,11 @@ from torch.func import functional_call
 
 import metafair_opt._second_order as second_order
 from metafair_opt import GradientAlignmentWrapper, SampleReweighter
-from metafair_opt._second_order import has_second_order_ops, second_order_ops
+from metafair_opt._second_order import (
+    has_second_order_ops,
+    recomputed_batch_norm_gradients,
+    second_order_ops,
+)
 from tests.helpers import rel_error
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
@@ -177,6 +183,157 @@ def test_has_second_order_ops_finds_convolutions_and_batch_norm_at_any_depth() -
     assert not has_second_order_ops(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
 
 
+# ------------------------------------------------ batch norm input gradients computed again
+class InPlaceDouble(torch.autograd.Function):
+    """Identity forward; the backward doubles the incoming gradient in place."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g.mul_(2)
+
+
+class ConvNormStack(nn.Module):
+    """conv, batch norm, tanh, conv, (optionally a layer doubling the gradient in place),
+    batch norm: each batch norm's input gradient is saved by the convolution's backward before
+    it, twice when the convolution's input needs a gradient too."""
+
+    def __init__(self, double_in_place: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.norm1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.norm2 = nn.Conv2d(3, 3, 3, stride=2), nn.BatchNorm2d(3)
+        self.double_in_place = double_in_place
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(self.norm1(self.conv1(x)).tanh())
+        return self.norm2(InPlaceDouble.apply(h) if self.double_in_place else h)
+
+
+def gradient_and_its_derivatives(model: nn.Module, x: Tensor, routed: bool, recomputed: bool,
+                                 passes: int = 1) -> tuple[list[Tensor], list[list[Tensor]],
+                                                           list[weakref.ref]]:
+    """The gradient of a non-linear loss in (x, parameters) built with ``create_graph``, the
+    derivative of that gradient along fixed directions (``passes`` times over the same graph)
+    and weak references to every batch norm input gradient the backward computed."""
+    made: list[weakref.ref] = []
+    original = second_order._BatchNormBackward.apply
+
+    def spy(*args):
+        outputs = original(*args)
+        made.append(weakref.ref(outputs[0]))
+        return outputs
+    second_order._BatchNormBackward.apply = spy
+    try:
+        inputs = [x, *model.parameters()]
+        with second_order_ops(routed):
+            out = model(x)
+        loss = (out.sin() * torch.linspace(-1, 2, out.numel()).view_as(out)).sum()
+        with recomputed_batch_norm_gradients(recomputed):
+            grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    finally:
+        second_order._BatchNormBackward.apply = original
+    g = torch.Generator().manual_seed(7)
+    directions = [torch.randn(t.shape, generator=g) for t in grads]
+    alive = [ref for ref in made if ref() is not None]  # after the backward, graph still held
+    second = [list(torch.autograd.grad(grads, inputs, grad_outputs=directions,
+                                       retain_graph=k + 1 < passes)) for k in range(passes)]
+    return [t.detach() for t in grads], second, alive
+
+
+@pytest.fixture
+def recipe_computations(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often an unpack asked a recipe for its value, and how often it was computed."""
+    counts = {"asked": 0, "computed": 0}
+    original = second_order._InputGradientRecipe.compute
+
+    def counted(self):
+        counts["asked"] += 1
+        counts["computed"] += self.value is None
+        return original(self)
+    monkeypatch.setattr(second_order._InputGradientRecipe, "compute", counted)
+    return counts
+
+
+def test_recomputed_input_gradients_are_not_kept_and_give_the_same_derivatives(
+        recipe_computations: dict[str, int]) -> None:
+    """With the context the graph keeps none of the batch norms' input gradients, computes
+    each once when differentiated (four unpacks: each convolution's input and weight gradient
+    save it) and gives PyTorch's derivatives, to the bit against the
+    routed graph without it."""
+    model, x = ConvNormStack(), torch.randn(4, 2, 6, 6, requires_grad=True)
+    grads, [second], alive = gradient_and_its_derivatives(model, x, True, recomputed=True)
+    assert alive == []
+    assert recipe_computations == {"asked": 4, "computed": 2}
+    grads_kept, [second_kept], alive_kept = gradient_and_its_derivatives(model, x, True, False)
+    assert len(alive_kept) == 2  # without the context both are kept by the graph
+    assert all(torch.equal(a, b) for a, b in zip(grads + second, grads_kept + second_kept))
+    grads_native, [second_native], _ = gradient_and_its_derivatives(model, x, False, False)
+    assert rel_error(grads + second, grads_native + second_native) < 1e-12
+
+
+def test_recomputed_input_gradients_on_a_graph_differentiated_twice(
+        recipe_computations: dict[str, int]) -> None:
+    """retain_graph: the second pass computes each value once again and gets the same
+    derivatives."""
+    model, x = ConvNormStack(), torch.randn(4, 2, 6, 6, requires_grad=True)
+    _, (first, again), _ = gradient_and_its_derivatives(model, x, True, True, passes=2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert recipe_computations["computed"] == 4
+
+
+def test_an_input_gradient_changed_in_place_is_saved_as_it_is(
+        recipe_computations: dict[str, int]) -> None:
+    """A layer between convolution and batch norm doubles the gradient in place: the second
+    convolution saves the changed tensor (its version moved), not the recipe."""
+    model = ConvNormStack(double_in_place=True)
+    x = torch.randn(4, 2, 6, 6, requires_grad=True)
+    grads, [second], alive = gradient_and_its_derivatives(model, x, True, recomputed=True)
+    assert recipe_computations == {"asked": 2, "computed": 1}  # the first batch norm's only
+    assert len(alive) == 1
+    grads_native, [second_native], _ = gradient_and_its_derivatives(model, x, False, False)
+    assert rel_error(grads + second, grads_native + second_native) < 1e-12
+
+
+@pytest.mark.parametrize("recomputed", [False, True], ids=["kept", "recomputed"])
+def test_third_order_of_a_loss_by_gradgradcheck(recomputed: bool) -> None:
+    """gradgradcheck of a loss's gradient built through the Functions, with and without the
+    context: finite differences of its first and second derivatives (the loss's third, which
+    differentiates batch norm's closed-form second derivative; PyTorch's own batch norm raises
+    there). With the context these unpack the recomputed values."""
+    model = ConvNormStack()
+    names = [n for n, _ in model.named_parameters()]
+    x = torch.randn(3, 2, 5, 5, requires_grad=True)
+
+    def gradient(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+        with second_order_ops():
+            out = functional_call(model, dict(zip(names, params)), (x,))
+        with recomputed_batch_norm_gradients(recomputed):
+            return torch.autograd.grad(out.sin().sum(), (x, *params), create_graph=True)
+
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    assert torch.autograd.gradcheck(gradient, (x, *params), fast_mode=True)
+    assert torch.autograd.gradgradcheck(gradient, (x, *params), fast_mode=True)
+
+
+def test_other_saved_tensor_hooks_are_left_to_decide() -> None:
+    """Under save_on_cpu (hooks of the user's) the context does nothing, so theirs see every
+    saved tensor; where hooks are disabled it does nothing rather than raise."""
+    model, x = ConvNormStack(), torch.randn(4, 2, 6, 6, requires_grad=True)
+    grads, [second], _ = gradient_and_its_derivatives(model, x, True, recomputed=True)
+    with torch.autograd.graph.save_on_cpu():
+        grads_cpu, [second_cpu], alive = gradient_and_its_derivatives(model, x, True, True)
+    assert len(alive) == 2  # save_on_cpu keeps a CPU tensor itself
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        grads_off, [second_off], alive_off = gradient_and_its_derivatives(model, x, True, True)
+    assert len(alive_off) == 2
+    for other in (grads_cpu + second_cpu, grads_off + second_off):
+        assert all(torch.equal(a, b) for a, b in zip(grads + second, other))
+
+
 # ------------------------------------------------------------------------ in the wrappers
 @pytest.fixture
 def routed(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -228,7 +385,8 @@ def query_loss_after_inner(model: nn.Module, params: list[Tensor], batches, lr: 
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_wrapper_meta_gradient_on_a_cnn_matches_pytorchs_operations(
-        inner_steps: int, recompute: bool, routed: dict[str, int]) -> None:
+        inner_steps: int, recompute: bool, routed: dict[str, int],
+        recipe_computations: dict[str, int]) -> None:
     batches, lr = small_batches(), 0.4
     model = small_cnn()
     params0 = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
@@ -242,6 +400,8 @@ def test_wrapper_meta_gradient_on_a_cnn_matches_pytorchs_operations(
                                        recompute_support=recompute)
     wrapper.step(support=(xs, ys), query=(xq, yq))
     assert routed == {"convolution": 2 * inner_steps, "batch_norm": 2 * inner_steps}
+    # Each inner step's graph kept no batch norm input gradient: each was computed again.
+    assert recipe_computations["computed"] == 2 * inner_steps
     assert rel_error([p.grad for p in model.parameters()], list(expected)) < 1e-10
 
     # Finite differences of the query loss after the inner steps (PyTorch's operations).
@@ -283,8 +443,8 @@ def test_first_order_and_model_without_such_modules_do_not_use_the_mode(
     assert entered
 
 
-def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(routed: dict[str, int]
-                                                                    ) -> None:
+def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(
+        routed: dict[str, int], recipe_computations: dict[str, int]) -> None:
     """The reverse mode's training forward goes through the mode (its gradient is
     differentiated again); the forward mode (a jvp, which takes none of this module's Functions;
     tests/test_forward_replay.py checks it against PyTorch's own jvp) must give the same steps.
@@ -306,6 +466,7 @@ def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(routed: dict[
         outcomes[mode] = (rw.weights.clone(), [t.clone() for t in model.state_dict().values()])
         if mode == "reverse":
             assert routed == {"convolution": 4, "batch_norm": 4}
+            assert recipe_computations["computed"] == 4  # each look-ahead graph's, again
     (w_rev, s_rev), (w_fwd, s_fwd) = outcomes["reverse"], outcomes["forward"]
     assert w_rev.abs().max() > 1e-3  # the weights moved, so the comparison means something
     assert torch.allclose(w_rev, w_fwd, rtol=0, atol=1e-12)
