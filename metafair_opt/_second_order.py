@@ -22,9 +22,12 @@ are those of PyTorch's operations (tests compare them to rounding in float64).
 such a forward: batch norm's input gradient, which the convolution before it saves for the second
 derivative (as the transposed convolution's input and the weight gradient's ``grad_output``), is
 saved as a recipe instead (``g``, ``x`` and statistics its own backward's graph keeps anyway) and
-computed again, once per differentiation, when the graph is differentiated. On the benchmark's
-ResNet-18 that is half of what the support backward's graph saves, and the alignment step's peak
-of live tensors fell from 426 to 370 MB, for about 1 % more time.
+computed again when the graph is differentiated (once per pass that unpacks every save). On the
+benchmark's ResNet-18 that is half of what the support backward's graph saves, and the alignment
+step's peak of live tensors fell from 426 to 370 MB, for about 1 % more time. Every other tensor
+that backward saves goes through the same saved-tensor hooks, detached (as autograd's own
+saving does; saved as it is, a node saving its own output would hold itself) and with
+autograd's check that it was not changed in place, which autograd skips for hooked tensors.
 
 Calls the Functions do not cover run as they are: ``padding="same"``/``"valid"``, unbatched
 inputs, dtypes other than float32 and float64, autocast, and batch norm in eval mode. The
@@ -227,9 +230,10 @@ class _BatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():
             gx, gw, gb = _BatchNormBackward.apply(g, x, weight, ctx.has_bias, mean, invstd,
                                                   ctx.eps)
-            setattr(gx, _RECIPE, _InputGradientRecipe(
-                gx, (g, x, weight, mean, invstd), ctx.eps,
-                [True, weight is not None, ctx.has_bias]))
+            if _recipes_wanted():
+                setattr(gx, _RECIPE, _InputGradientRecipe(
+                    gx, (g, x, weight, mean, invstd), ctx.eps,
+                    [True, weight is not None, ctx.has_bias]))
         else:
             gx, gw, gb = _aten.native_batch_norm_backward(
                 g, x, weight, None, None, mean, invstd, True, ctx.eps,
@@ -237,28 +241,44 @@ class _BatchNorm(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+def _check_version(t: Tensor, version: int) -> None:
+    """Autograd's check on a saved tensor, which it skips for tensors saved through hooks."""
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+            f"expected version {version} instead. Change it out of place (or clone it) "
+            "before the second-order graph is differentiated.")
+
+
 class _InputGradientRecipe:
     """How to compute a batch norm's input gradient ``gx`` again from tensors its backward's
     graph keeps anyway (``g``, ``x``, the weight, the batch statistics), so that a graph built
     on ``gx`` (a convolution's backward saves it twice) need not keep ``gx`` itself.
 
-    The value computed for a pass's first unpack is kept until the pass has unpacked each save
-    once, then dropped (a pass that unpacks only some keeps it, at most what saving ``gx``
-    would have kept). The value is the same bits every time: the same kernel on the same
-    inputs, with the first computation's output mask."""
+    The value computed for the first unpack of a pass over the graph is kept until that pass
+    has unpacked each save once, then dropped (a pass that unpacks only some keeps it, at most
+    what saving ``gx`` would have kept). It is the first computation's kernel and output mask
+    on the same inputs, whose versions are checked; a change through ``.data``, which no
+    version records, is not seen."""
 
-    __slots__ = ("eps", "inputs", "mask", "pending", "saves", "value", "version")
+    __slots__ = ("eps", "inputs", "mask", "pending", "saves", "value", "version", "versions")
 
     def __init__(self, gx: Tensor, inputs: tuple[Tensor | None, ...], eps: float,
                  mask: list[bool]) -> None:
-        self.inputs = inputs
+        # Detached: the recipe references values, never a graph.
+        self.inputs = tuple(None if t is None else t.detach() for t in inputs)
+        self.versions = tuple(0 if t is None else t._version for t in inputs)
         self.eps = eps
         self.mask = mask
         self.version = gx._version
         self.saves = self.pending = 0
         self.value: Tensor | None = None
 
-    def save(self) -> _InputGradientRecipe:
+    def save(self, gx: Tensor) -> Any:
+        """What a graph saves for ``gx``: the recipe, or ``gx`` itself if it changed since."""
+        if gx._version != self.version:
+            return _save(gx)
         self.saves += 1
         self.pending += 1
         return self
@@ -266,6 +286,9 @@ class _InputGradientRecipe:
     def compute(self) -> Tensor:
         value = self.value
         if value is None:
+            for t, v in zip(self.inputs, self.versions):
+                if t is not None:
+                    _check_version(t, v)
             g, x, weight, mean, invstd = self.inputs
             with torch.no_grad():  # autograd attaches the saved tensor's own graph edge
                 value = _aten.native_batch_norm_backward(
@@ -281,26 +304,44 @@ class _InputGradientRecipe:
 _RECIPE = "_metafair_opt_recipe"
 
 
+def _save(t: Tensor) -> tuple[Tensor, int]:
+    # Detached, as saved-tensor hooks must: a node saving its own output would otherwise hold
+    # itself through it (a cycle that is never collected); autograd attaches the edge again.
+    return t.detach(), t._version
+
+
 def _pack(t: Tensor) -> Any:
     recipe = getattr(t, _RECIPE, None)
-    if recipe is None or recipe.version != t._version:
-        return t
-    return recipe.save()
+    return _save(t) if recipe is None else recipe.save(t)
 
 
 def _unpack(packed: Any) -> Tensor:
-    return packed.compute() if isinstance(packed, _InputGradientRecipe) else packed
+    if isinstance(packed, _InputGradientRecipe):
+        return packed.compute()
+    t, version = packed
+    _check_version(t, version)
+    return t
 
 
-def recomputed_batch_norm_gradients(enabled: bool = True) -> Any:
-    """A context for a ``create_graph=True`` backward through a forward run under
-    :func:`second_order_ops`: the graph it builds saves, in place of each batch norm's input
-    gradient, how to compute it again (on ResNet-18 that is half of what the backward's graph
-    saves, for one batch norm backward per layer when the graph is differentiated).
+def _recipes_wanted() -> bool:
+    """Whether this backward runs under :func:`recomputed_batch_norm_gradients` (the hooks are
+    thread-local state that autograd carries to the threads running the backward)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and hooks[0] is _pack
 
-    A no-op context where saved-tensor hooks are already active (``save_on_cpu``, say: theirs
-    decide what is kept) or disabled."""
-    if (not enabled or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+
+def recomputed_batch_norm_gradients(forward_ops: Any) -> Any:
+    """A context for the ``create_graph=True`` backward of a forward run under ``forward_ops``
+    (what :func:`second_order_ops` returned for it): the graph it builds saves, in place of
+    each routed batch norm's input gradient, how to compute it again (on ResNet-18 half of what
+    that graph saves, for one batch norm backward per layer when it is differentiated). Every
+    other tensor it saves is saved as autograd saves it, with autograd's check that it was not
+    changed in place before use.
+
+    A no-op context unless ``forward_ops`` routed a batch norm, and where saved-tensor hooks
+    are already active (``save_on_cpu``, say: theirs decide what is kept) or disabled."""
+    if (not isinstance(forward_ops, _SecondOrderOps) or not forward_ops.batch_norms
+            or not torch._C._autograd._saved_tensors_hooks_is_enabled()
             or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
         return nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
@@ -332,6 +373,10 @@ def _routable_batch_norm(x: Tensor, training: bool) -> bool:
 
 
 class _SecondOrderOps(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_norms = 0  # how many batch norm calls it routed
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
@@ -347,6 +392,7 @@ class _SecondOrderOps(TorchFunctionMode):
             x, running_mean, running_var, weight, bias, training, momentum, eps = _bind(
                 args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
             if _routable_batch_norm(x, training):
+                self.batch_norms += 1
                 return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum,
                                         eps)
         return func(*args, **kwargs)

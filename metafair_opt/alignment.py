@@ -400,10 +400,11 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The support loss at ``params`` (inner step ``i``, from 0) and its unscaled gradient
         (zeros for parameters it does not reach), with a graph when ``create_graph``."""
-        with second_order_ops(create_graph and self._second_order_ops):
+        ops = second_order_ops(create_graph and self._second_order_ops)
+        with ops:
             output = self._fmodel(params, buffers, x_s)
         loss_s = self._loss(output, y_s, self._support_loss_name(i))
-        with recomputed_batch_norm_gradients(create_graph and self._second_order_ops):
+        with recomputed_batch_norm_gradients(ops):
             grads = self._unscaled(torch.autograd.grad(
                 self._scaled(loss_s * share), params, create_graph=create_graph,
                 materialize_grads=True,

@@ -10,6 +10,7 @@ use, against a hand-written one with PyTorch's operations and against finite dif
 
 from __future__ import annotations
 
+import gc
 import weakref
 
 import pytest
@@ -229,10 +230,11 @@ def gradient_and_its_derivatives(model: nn.Module, x: Tensor, routed: bool, reco
     second_order._BatchNormBackward.apply = spy
     try:
         inputs = [x, *model.parameters()]
-        with second_order_ops(routed):
+        ops = second_order_ops(routed)
+        with ops:
             out = model(x)
         loss = (out.sin() * torch.linspace(-1, 2, out.numel()).view_as(out)).sum()
-        with recomputed_batch_norm_gradients(recomputed):
+        with recomputed_batch_norm_gradients(ops if recomputed else None):
             grads = torch.autograd.grad(loss, inputs, create_graph=True)
     finally:
         second_order._BatchNormBackward.apply = original
@@ -291,27 +293,35 @@ def test_an_input_gradient_changed_in_place_is_saved_as_it_is(
     convolution saves the changed tensor (its version moved), not the recipe."""
     model = ConvNormStack(double_in_place=True)
     x = torch.randn(4, 2, 6, 6, requires_grad=True)
-    grads, [second], alive = gradient_and_its_derivatives(model, x, True, recomputed=True)
+    grads, [second], _ = gradient_and_its_derivatives(model, x, True, recomputed=True)
     assert recipe_computations == {"asked": 2, "computed": 1}  # the first batch norm's only
-    assert len(alive) == 1
     grads_native, [second_native], _ = gradient_and_its_derivatives(model, x, False, False)
     assert rel_error(grads + second, grads_native + second_native) < 1e-12
 
 
+@pytest.mark.parametrize("model, shape", [
+    (ConvNormStack, (3, 2, 5, 5)),
+    (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False)), (3, 2, 4, 4)),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.BatchNorm1d(4)),
+     (5, 3)),
+], ids=["conv-norm-stack", "no-affine", "batch-norm-1d-on-rows"])
 @pytest.mark.parametrize("recomputed", [False, True], ids=["kept", "recomputed"])
-def test_third_order_of_a_loss_by_gradgradcheck(recomputed: bool) -> None:
+def test_third_order_of_a_loss_by_gradgradcheck(recomputed: bool, model, shape) -> None:
     """gradgradcheck of a loss's gradient built through the Functions, with and without the
     context: finite differences of its first and second derivatives (the loss's third, which
     differentiates batch norm's closed-form second derivative; PyTorch's own batch norm raises
     there). With the context these unpack the recomputed values."""
-    model = ConvNormStack()
+    torch.manual_seed(0)
+    model = model()
     names = [n for n, _ in model.named_parameters()]
-    x = torch.randn(3, 2, 5, 5, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
 
     def gradient(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
-        with second_order_ops():
+        ops = second_order_ops()
+        with ops:
             out = functional_call(model, dict(zip(names, params)), (x,))
-        with recomputed_batch_norm_gradients(recomputed):
+        assert ops.batch_norms == 2 or isinstance(model[1], nn.BatchNorm2d)
+        with recomputed_batch_norm_gradients(ops if recomputed else None):
             return torch.autograd.grad(out.sin().sum(), (x, *params), create_graph=True)
 
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
@@ -332,6 +342,72 @@ def test_other_saved_tensor_hooks_are_left_to_decide() -> None:
     assert len(alive_off) == 2
     for other in (grads_cpu + second_cpu, grads_off + second_off):
         assert all(torch.equal(a, b) for a, b in zip(grads + second, other))
+
+
+def test_the_context_leaves_no_reference_cycle() -> None:
+    """A node that saves its own output (the sigmoid in binary cross-entropy's backward), in a
+    graph whose second pass does not reach it (retain_graph): saved through the hooks as it
+    is, it would hold itself and its inputs for good; the hooks save it detached."""
+    torch.manual_seed(0)
+    model, x = ConvNormStack(), torch.randn(4, 2, 6, 6)
+    ops = second_order_ops()
+    with ops:
+        out = model(x)
+    loss = F.binary_cross_entropy_with_logits(out.mean((1, 2, 3)), torch.ones(4))
+    with recomputed_batch_norm_gradients(ops):
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    torch.autograd.grad(grads[0].sum(), model.conv1.weight, retain_graph=True)
+    kept = weakref.ref(out)
+    del out, loss, grads
+    gc.collect()
+    assert kept() is None
+
+
+@pytest.mark.parametrize("changed", ["saved-tensor", "recipe-input"])
+def test_a_saved_tensor_changed_in_place_raises_autograds_error(changed: str) -> None:
+    """Autograd skips its version check for tensors saved through hooks: the hooks make it
+    themselves, for every saved tensor and for what a recipe computes from."""
+    torch.manual_seed(0)
+    model, x = ConvNormStack(), torch.randn(4, 2, 6, 6)
+    ops = second_order_ops()
+    with ops:
+        hidden = model.conv1(x)
+        out = model.norm2(model.conv2(model.norm1(hidden).tanh()))
+    with recomputed_batch_norm_gradients(ops):
+        grads = torch.autograd.grad(out.pow(3).sum(), list(model.parameters()),
+                                    create_graph=True)
+    with torch.no_grad():  # hidden: saved by norm1's graph (x), from which a recipe computes
+        (hidden if changed == "recipe-input" else model.conv2.weight).mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(sum(g.sum() for g in grads), list(model.parameters()))
+
+
+def test_recipes_are_made_only_under_the_context_and_only_for_routed_batch_norm() -> None:
+    """Without the context no input gradient carries a recipe; a forward that routed no batch
+    norm (eval mode) gets a no-op context."""
+    model, x = ConvNormStack(), torch.randn(4, 2, 6, 6, requires_grad=True)
+    made: list[Tensor] = []
+    original = second_order._BatchNormBackward.apply
+
+    def spy(*args):
+        outputs = original(*args)
+        made.append(outputs[0])
+        return outputs
+    second_order._BatchNormBackward.apply = spy
+    try:
+        with second_order_ops():
+            out = model(x)
+        torch.autograd.grad(out.sin().sum(), x, create_graph=True)
+    finally:
+        second_order._BatchNormBackward.apply = original
+    assert len(made) == 2 and not any(hasattr(t, second_order._RECIPE) for t in made)
+    model.eval()
+    ops = second_order_ops()
+    with ops:
+        model(x)
+    assert ops.batch_norms == 0
+    assert type(recomputed_batch_norm_gradients(ops)).__name__ == "nullcontext"
+    assert type(recomputed_batch_norm_gradients(None)).__name__ == "nullcontext"
 
 
 # ------------------------------------------------------------------------ in the wrappers
