@@ -346,40 +346,66 @@ def test_other_saved_tensor_hooks_are_left_to_decide() -> None:
 
 def test_the_context_leaves_no_reference_cycle() -> None:
     """A node that saves its own output (the sigmoid in binary cross-entropy's backward), in a
-    graph whose second pass does not reach it (retain_graph): saved through the hooks as it
-    is, it would hold itself and its inputs for good; the hooks save it detached."""
+    graph differentiated with retain_graph: saved through the hooks as it is, it would hold
+    itself, and through its inputs the whole forward graph and its activations, for good; the
+    hooks save it detached."""
     torch.manual_seed(0)
     model, x = ConvNormStack(), torch.randn(4, 2, 6, 6)
     ops = second_order_ops()
     with ops:
-        out = model(x)
+        hidden = model.norm1(model.conv1(x)).tanh()
+        out = model.norm2(model.conv2(hidden))
     loss = F.binary_cross_entropy_with_logits(out.mean((1, 2, 3)), torch.ones(4))
     with recomputed_batch_norm_gradients(ops):
         grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
     torch.autograd.grad(grads[0].sum(), model.conv1.weight, retain_graph=True)
-    kept = weakref.ref(out)
-    del out, loss, grads
+    kept = weakref.ref(hidden)  # saved by the forward graph (tanh's output, conv2's input)
+    del hidden, out, loss, grads
     gc.collect()
     assert kept() is None
 
 
-@pytest.mark.parametrize("changed", ["saved-tensor", "recipe-input"])
+@pytest.mark.parametrize("changed", ["backward-saved", "forward-saved", "recipe-input"])
 def test_a_saved_tensor_changed_in_place_raises_autograds_error(changed: str) -> None:
-    """Autograd skips its version check for tensors saved through hooks: the hooks make it
-    themselves, for every saved tensor and for what a recipe computes from."""
+    """Autograd skips its version check for tensors saved through hooks: the hooks make it.
+    Changed in place: the gradient at tanh's output (saved only by the support backward's
+    graph, through the hooks), a weight (saved by the forward's graph too), and the gradient
+    at the first batch norm's output (saved by its backward and by its recipe)."""
     torch.manual_seed(0)
     model, x = ConvNormStack(), torch.randn(4, 2, 6, 6)
+    received: dict[str, Tensor] = {}
     ops = second_order_ops()
     with ops:
-        hidden = model.conv1(x)
-        out = model.norm2(model.conv2(model.norm1(hidden).tanh()))
+        normed = model.norm1(model.conv1(x))
+        hidden = normed.tanh()
+        out = model.norm2(model.conv2(hidden))
+    normed.register_hook(lambda g: received.setdefault("recipe-input", g))
+    hidden.register_hook(lambda g: received.setdefault("backward-saved", g))
     with recomputed_batch_norm_gradients(ops):
         grads = torch.autograd.grad(out.pow(3).sum(), list(model.parameters()),
                                     create_graph=True)
-    with torch.no_grad():  # hidden: saved by norm1's graph (x), from which a recipe computes
-        (hidden if changed == "recipe-input" else model.conv2.weight).mul_(2)
+    received["forward-saved"] = model.conv2.weight
+    with torch.no_grad():
+        received[changed].mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(sum(g.sum() for g in grads), list(model.parameters()))
+
+
+def test_a_recipe_checks_its_inputs_before_computing() -> None:
+    """In the wrappers the batch norm node's own saved tensors (the same ones) raise first; the
+    recipe checks them itself for a pass that would not unpack that node."""
+    g, x = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    mean, invstd = x.mean((0, 2, 3)), (x.var((0, 2, 3), correction=0) + 1e-5).rsqrt()
+    gx = torch.ops.aten.native_batch_norm_backward(
+        g, x, None, None, None, mean, invstd, True, 1e-5, [True, False, False])[0]
+    recipe = second_order._InputGradientRecipe(gx, (g, x, None, mean, invstd), 1e-5,
+                                               [True, False, False])
+    assert recipe.save(gx) is recipe
+    assert torch.equal(recipe.compute(), gx)
+    recipe.save(gx)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        recipe.compute()
 
 
 def test_recipes_are_made_only_under_the_context_and_only_for_routed_batch_norm() -> None:
