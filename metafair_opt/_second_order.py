@@ -15,8 +15,9 @@ the same values and first derivatives with PyTorch's own kernels, whose backward
 is being built (``create_graph=True``), is written with operations that have efficient
 derivatives: the input gradient as a transposed convolution, the weight gradient as a Function
 whose derivative is one forward and one transposed convolution, and batch norm's second
-derivative in closed form (a dozen full-size operations). Values and derivatives of every order
-are those of PyTorch's operations (tests compare them to rounding in float64).
+derivative in closed form (a dozen full-size operations). Values, first and second derivatives
+are those of PyTorch's operations (tests compare them to rounding in float64); the third, which
+PyTorch's own batch norm refuses, is checked against finite differences (``gradgradcheck``).
 
 :func:`recomputed_batch_norm_gradients` is a context for the ``create_graph=True`` backward of
 such a forward: batch norm's input gradient, which the convolution before it saves for the second
