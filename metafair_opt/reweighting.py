@@ -487,7 +487,7 @@ class SampleReweighter(MetaOptimizerBase):
         current = block[:, _WEIGHT]
         if validation is not None:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
-                theta, losses, current, inverse, (x, y, rng, record, ops), *validation
+                theta, losses, current, inverse, (x, y, rng, record), ops, *validation
             )
             # Each rank's gradient on the rows of its own samples, summed over ranks.
             row_grads = coll.sum(row_grads)
@@ -622,14 +622,14 @@ class SampleReweighter(MetaOptimizerBase):
     def _meta_gradient(
         self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
         inverse: Tensor | slice | None,
-        train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None, Any],
-        x_val: Batch, y_val: Any, g_val: Tensor,
+        train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None],
+        forward_ops: Any, x_val: Batch, y_val: Any, g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
         validation losses and the (group ids, group mean losses), all detached.
 
-        ``train`` is the training batch ``(x, y, rng_state, primal_record, ops)``, replayed by
-        the forward mode; ``ops`` is the context its forward ran under (``second_order_ops``).
+        ``train`` is the training batch ``(x, y, rng_state, primal_record)``, replayed by the
+        forward mode; ``forward_ops`` is what ``second_order_ops`` returned for its forward.
         """
         fm, coll = self._fmodel, self._coll
         forward = self._forward_mode
@@ -640,7 +640,7 @@ class SampleReweighter(MetaOptimizerBase):
         weighted = (weights * losses).sum()
         # retain_graph keeps the training forward for the final update (unless it is to be
         # recomputed); only the reverse mode needs the graph of the gradient itself.
-        with recomputed_batch_norm_gradients(train[4]):
+        with recomputed_batch_norm_gradients(forward_ops):
             grads = self._unscaled(torch.autograd.grad(
                 self._scaled(weighted), theta, create_graph=not forward,
                 retain_graph=not self.recompute_forward, materialize_grads=True))
@@ -705,7 +705,7 @@ class SampleReweighter(MetaOptimizerBase):
     def _forward_row_gradients(
         self, v: Sequence[Tensor], theta: tuple[Tensor, ...],
         weights: Tensor, step: float, logits: Tensor, inverse: Tensor | slice | None,
-        train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None, Any],
+        train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None],
     ) -> Tensor:
         """The meta-loss's gradient on the batch's rows without a second-order graph.
 
@@ -717,7 +717,7 @@ class SampleReweighter(MetaOptimizerBase):
         """
         fm, coll = self._fmodel, self._coll
         v = tuple(t.detach() for t in coll.sum_differentiable(v))  # exact: every rank's rows
-        x, y, rng, record, _ = train
+        x, y, rng, record = train
         assert rng is not None  # taken before the training forward whenever the mode is forward
         # Replay the training forward's random draws (dropout), on the buffers it started from
         # (a copy: the model's own are committed only with the step), so the derivatives are

@@ -10,8 +10,11 @@ use, against a hand-written one with PyTorch's operations and against finite dif
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -214,21 +217,30 @@ class ConvNormStack(nn.Module):
         return self.norm2(InPlaceDouble.apply(h) if self.double_in_place else h)
 
 
+@contextlib.contextmanager
+def input_gradients_made(kept: Callable[[Tensor], Any]) -> Iterator[list[Any]]:
+    """Collects ``kept(gx)`` for every batch norm input gradient a backward computes."""
+    made: list[Any] = []
+    original = second_order._BatchNormBackward.apply
+
+    def spy(*args):
+        outputs = original(*args)
+        made.append(kept(outputs[0]))
+        return outputs
+    second_order._BatchNormBackward.apply = spy
+    try:
+        yield made
+    finally:
+        second_order._BatchNormBackward.apply = original
+
+
 def gradient_and_its_derivatives(model: nn.Module, x: Tensor, routed: bool, recomputed: bool,
                                  passes: int = 1) -> tuple[list[Tensor], list[list[Tensor]],
                                                            list[weakref.ref]]:
     """The gradient of a non-linear loss in (x, parameters) built with ``create_graph``, the
     derivative of that gradient along fixed directions (``passes`` times over the same graph)
     and weak references to every batch norm input gradient the backward computed."""
-    made: list[weakref.ref] = []
-    original = second_order._BatchNormBackward.apply
-
-    def spy(*args):
-        outputs = original(*args)
-        made.append(weakref.ref(outputs[0]))
-        return outputs
-    second_order._BatchNormBackward.apply = spy
-    try:
+    with input_gradients_made(weakref.ref) as made:
         inputs = [x, *model.parameters()]
         ops = second_order_ops(routed)
         with ops:
@@ -236,8 +248,6 @@ def gradient_and_its_derivatives(model: nn.Module, x: Tensor, routed: bool, reco
         loss = (out.sin() * torch.linspace(-1, 2, out.numel()).view_as(out)).sum()
         with recomputed_batch_norm_gradients(ops if recomputed else None):
             grads = torch.autograd.grad(loss, inputs, create_graph=True)
-    finally:
-        second_order._BatchNormBackward.apply = original
     g = torch.Generator().manual_seed(7)
     directions = [torch.randn(t.shape, generator=g) for t in grads]
     alive = [ref for ref in made if ref() is not None]  # after the backward, graph still held
@@ -414,20 +424,10 @@ def test_recipes_are_made_only_under_the_context_and_only_for_routed_batch_norm(
     """Without the context no input gradient carries a recipe; a forward that routed no batch
     norm (eval mode) gets a no-op context."""
     model, x = ConvNormStack(), torch.randn(4, 2, 6, 6, requires_grad=True)
-    made: list[Tensor] = []
-    original = second_order._BatchNormBackward.apply
-
-    def spy(*args):
-        outputs = original(*args)
-        made.append(outputs[0])
-        return outputs
-    second_order._BatchNormBackward.apply = spy
-    try:
+    with input_gradients_made(lambda gx: gx) as made:
         with second_order_ops():
             out = model(x)
         torch.autograd.grad(out.sin().sum(), x, create_graph=True)
-    finally:
-        second_order._BatchNormBackward.apply = original
     assert len(made) == 2 and not any(hasattr(t, second_order._RECIPE) for t in made)
     model.eval()
     ops = second_order_ops()
