@@ -46,6 +46,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from metafair_opt._saved_recipes import (
+    RECIPE,
+    Recipe,
+    check_version,
+    recipes_possible,
+    recipes_wanted,
+    saving_recipes,
+)
+
 __all__ = ["has_second_order_ops", "recomputed_batch_norm_gradients", "second_order_ops"]
 
 _aten = torch.ops.aten
@@ -231,8 +240,8 @@ class _BatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():
             gx, gw, gb = _BatchNormBackward.apply(g, x, weight, ctx.has_bias, mean, invstd,
                                                   ctx.eps)
-            if _recipes_wanted():
-                setattr(gx, _RECIPE, _InputGradientRecipe(
+            if recipes_wanted():
+                setattr(gx, RECIPE, _InputGradientRecipe(
                     gx, (g, x, weight, mean, invstd), ctx.eps,
                     [True, weight is not None, ctx.has_bias]))
         else:
@@ -242,93 +251,31 @@ class _BatchNorm(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-def _check_version(t: Tensor, version: int) -> None:
-    """Autograd's check on a saved tensor, which it skips for tensors saved through hooks."""
-    if t._version != version:
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by an "
-            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
-            f"expected version {version} instead. Change it out of place (or clone it) "
-            "before the second-order graph is differentiated.")
-
-
-class _InputGradientRecipe:
+class _InputGradientRecipe(Recipe):
     """How to compute a batch norm's input gradient ``gx`` again from tensors its backward's
     graph keeps anyway (``g``, ``x``, the weight, the batch statistics), so that a graph built
-    on ``gx`` (a convolution's backward saves it twice) need not keep ``gx`` itself.
+    on ``gx`` (a convolution's backward saves it twice) need not keep ``gx`` itself: the first
+    computation's kernel and output mask on the same inputs, whose versions are checked."""
 
-    The value computed for the first unpack of a pass over the graph is kept until that pass
-    has unpacked each save once, then dropped (a pass that unpacks only some keeps it, at most
-    what saving ``gx`` would have kept). It is the first computation's kernel and output mask
-    on the same inputs, whose versions are checked; a change through ``.data``, which no
-    version records, is not seen."""
-
-    __slots__ = ("eps", "inputs", "mask", "pending", "saves", "value", "version", "versions")
+    __slots__ = ("eps", "inputs", "mask", "versions")
 
     def __init__(self, gx: Tensor, inputs: tuple[Tensor | None, ...], eps: float,
                  mask: list[bool]) -> None:
+        super().__init__(gx)
         # Detached: the recipe references values, never a graph.
         self.inputs = tuple(None if t is None else t.detach() for t in inputs)
         self.versions = tuple(0 if t is None else t._version for t in inputs)
         self.eps = eps
         self.mask = mask
-        self.version = gx._version
-        self.saves = self.pending = 0
-        self.value: Tensor | None = None
 
-    def save(self, gx: Tensor) -> Any:
-        """What a graph saves for ``gx``: the recipe, or ``gx`` itself if it changed since."""
-        if gx._version != self.version:
-            return _save(gx)
-        self.saves += 1
-        self.pending += 1
-        return self
-
-    def compute(self) -> Tensor:
-        value = self.value
-        if value is None:
-            for t, v in zip(self.inputs, self.versions):
-                if t is not None:
-                    _check_version(t, v)
-            g, x, weight, mean, invstd = self.inputs
-            with torch.no_grad():  # autograd attaches the saved tensor's own graph edge
-                value = _aten.native_batch_norm_backward(
-                    g, x, weight, None, None, mean, invstd, True, self.eps, self.mask)[0]
-        self.pending -= 1
-        if self.pending > 0:
-            self.value = value
-        else:  # the pass is done: drop the value, count the next pass's unpacks afresh
-            self.value, self.pending = None, self.saves
-        return value
-
-
-_RECIPE = "_metafair_opt_recipe"
-
-
-def _save(t: Tensor) -> tuple[Tensor, int]:
-    # Detached, as saved-tensor hooks must: a node saving its own output would otherwise hold
-    # itself through it (a cycle that is never collected); autograd attaches the edge again.
-    return t.detach(), t._version
-
-
-def _pack(t: Tensor) -> Any:
-    recipe = getattr(t, _RECIPE, None)
-    return _save(t) if recipe is None else recipe.save(t)
-
-
-def _unpack(packed: Any) -> Tensor:
-    if isinstance(packed, _InputGradientRecipe):
-        return packed.compute()
-    t, version = packed
-    _check_version(t, version)
-    return t
-
-
-def _recipes_wanted() -> bool:
-    """Whether this backward runs under :func:`recomputed_batch_norm_gradients` (the hooks are
-    thread-local state that autograd carries to the threads running the backward)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and hooks[0] is _pack
+    def evaluate(self) -> Tensor:
+        for t, v in zip(self.inputs, self.versions):
+            if t is not None:
+                check_version(t, v)
+        g, x, weight, mean, invstd = self.inputs
+        with torch.no_grad():  # autograd attaches the saved tensor's own graph edge
+            return _aten.native_batch_norm_backward(
+                g, x, weight, None, None, mean, invstd, True, self.eps, self.mask)[0]
 
 
 def recomputed_batch_norm_gradients(forward_ops: Any) -> Any:
@@ -342,10 +289,9 @@ def recomputed_batch_norm_gradients(forward_ops: Any) -> Any:
     A no-op context unless ``forward_ops`` routed a batch norm, and where saved-tensor hooks
     are already active (``save_on_cpu``, say: theirs decide what is kept) or disabled."""
     if (not isinstance(forward_ops, _SecondOrderOps) or not forward_ops.batch_norms
-            or not torch._C._autograd._saved_tensors_hooks_is_enabled()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            or not recipes_possible()):
         return nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    return saving_recipes()
 
 
 # ------------------------------------------------------------------------------------- mode

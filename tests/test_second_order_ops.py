@@ -260,13 +260,13 @@ def gradient_and_its_derivatives(model: nn.Module, x: Tensor, routed: bool, reco
 def recipe_computations(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How often an unpack asked a recipe for its value, and how often it was computed."""
     counts = {"asked": 0, "computed": 0}
-    original = second_order._InputGradientRecipe.compute
+    original = second_order._InputGradientRecipe.unpack
 
     def counted(self):
         counts["asked"] += 1
         counts["computed"] += self.value is None
         return original(self)
-    monkeypatch.setattr(second_order._InputGradientRecipe, "compute", counted)
+    monkeypatch.setattr(second_order._InputGradientRecipe, "unpack", counted)
     return counts
 
 
@@ -413,11 +413,11 @@ def test_a_recipe_checks_its_inputs_before_computing() -> None:
     recipe = second_order._InputGradientRecipe(gx, (g, x, None, mean, invstd), 1e-5,
                                                [True, False, False])
     assert recipe.save(gx) is recipe
-    assert torch.equal(recipe.compute(), gx)
+    assert torch.equal(recipe.unpack(), gx)
     recipe.save(gx)
     x.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        recipe.compute()
+        recipe.unpack()
 
 
 def test_recipes_are_made_only_under_the_context_and_only_for_routed_batch_norm() -> None:
@@ -428,7 +428,7 @@ def test_recipes_are_made_only_under_the_context_and_only_for_routed_batch_norm(
         with second_order_ops():
             out = model(x)
         torch.autograd.grad(out.sin().sum(), x, create_graph=True)
-    assert len(made) == 2 and not any(hasattr(t, second_order._RECIPE) for t in made)
+    assert len(made) == 2 and not any(hasattr(t, second_order.RECIPE) for t in made)
     model.eval()
     ops = second_order_ops()
     with ops:
