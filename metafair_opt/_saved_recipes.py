@@ -44,8 +44,8 @@ class Recipe:
 
     __slots__ = ("kept", "pending", "saves", "value", "version")
 
-    def __init__(self, t: Tensor) -> None:
-        self.version = t._version
+    def __init__(self, t: Tensor, version: int | None = None) -> None:
+        self.version = t._version if version is None else version
         self.saves = self.pending = 0
         self.value: Tensor | None = None
         self.kept = False
@@ -90,15 +90,17 @@ class Recipe:
             self.value, self.pending = None, self.saves
         return value
 
-    def source_value(self) -> Tensor:
-        """The value for another recipe's computation; kept for this pass's own unpacks when
-        the graph saves this one too (its dependants come first in a backward pass)."""
+    def source_value(self) -> tuple[Tensor, bool]:
+        """The value for another recipe's computation, and whether the caller may write to it
+        in place (it is kept for this pass's own unpacks when the graph saves this one too:
+        its dependants come first in a backward pass)."""
         value = self.value
-        if value is None:
-            value = self.evaluate()
-            if self.pending > 0:
-                self.value = value
-        return value
+        if value is not None:
+            return value, False
+        value = self.evaluate()
+        if self.pending > 0:
+            self.value = value
+        return value, self.pending == 0
 
 
 def _save(t: Tensor) -> tuple[Tensor, int]:

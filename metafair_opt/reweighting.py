@@ -50,6 +50,7 @@ from metafair_opt._functional import (
     differentiable_sgd_update,
 )
 from metafair_opt._random import RngSnapshot, replaying, rng_snapshot
+from metafair_opt._recomputed_activations import RecomputedActivations, has_batch_norm
 from metafair_opt._second_order import recomputed_batch_norm_gradients, second_order_ops
 from metafair_opt._wrapper import MetaOptimizerBase
 from metafair_opt.distributed import SyncMode
@@ -231,6 +232,7 @@ class SampleReweighter(MetaOptimizerBase):
         self._compiled_checked = False  # the first compiled step is compared with eager's
         self.weight_grad_mode: WeightGradMode = weight_grad_mode
         size = sum(p.numel() for p in self._fmodel.params)
+        self._batch_norm = has_batch_norm(self._fmodel.module)
         self._forward_mode = not self.compiled and (
             weight_grad_mode == "forward" or self.recompute_forward
             or (weight_grad_mode == "auto" and size >= FORWARD_MODE_MIN_PARAMETERS))
@@ -478,7 +480,12 @@ class SampleReweighter(MetaOptimizerBase):
         # A reverse-mode meta step differentiates this forward's gradient once more.
         ops = second_order_ops(validation is not None and not self._forward_mode
                                and self._second_order_ops)
-        with ops, recording_primals(None if self.recompute_forward else record):
+        # A forward-mode meta step keeps this forward's graph through the validation pass:
+        # its batch norm and ReLU outputs are computed again for the final gradient instead.
+        activations = RecomputedActivations(
+            forward_meta_step and self._batch_norm and not self.recompute_forward, keep=True)
+        with ops, recording_primals(None if self.recompute_forward else record), \
+                activations.forward():
             output = fm(theta, committed, x)
         losses = self._per_sample_losses(output, y, "training loss")
         watched: list[tuple[str, Tensor]] = [("training loss", losses)]
@@ -487,8 +494,8 @@ class SampleReweighter(MetaOptimizerBase):
         current = block[:, _WEIGHT]
         if validation is not None:
             meta, row_grads, val_losses, (group_ids, group_means) = self._meta_gradient(
-                theta, losses, current, inverse, (x, y, rng, record), ops, *validation
-            )
+                theta, losses, current, inverse, (x, y, rng, record), ops, activations,
+                *validation)
             # Each rank's gradient on the rows of its own samples, summed over ranks.
             row_grads = coll.sum(row_grads)
             watched += [("validation loss", val_losses), ("meta-loss", meta),
@@ -623,13 +630,15 @@ class SampleReweighter(MetaOptimizerBase):
         self, theta: tuple[Tensor, ...], losses: Tensor, current: Tensor,
         inverse: Tensor | slice | None,
         train: tuple[Batch, Any, RngSnapshot | None, PrimalRecord | None],
-        forward_ops: Any, x_val: Batch, y_val: Any, g_val: Tensor,
+        forward_ops: Any, activations: RecomputedActivations, x_val: Batch, y_val: Any,
+        g_val: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         """The meta-loss at the look-ahead parameters, its gradient on the batch's rows, the
         validation losses and the (group ids, group mean losses), all detached.
 
         ``train`` is the training batch ``(x, y, rng_state, primal_record)``, replayed by the
-        forward mode; ``forward_ops`` is what ``second_order_ops`` returned for its forward.
+        forward mode; ``forward_ops`` is what ``second_order_ops`` returned for its forward and
+        ``activations`` the :class:`RecomputedActivations` it ran under.
         """
         fm, coll = self._fmodel, self._coll
         forward = self._forward_mode
@@ -644,6 +653,7 @@ class SampleReweighter(MetaOptimizerBase):
             grads = self._unscaled(torch.autograd.grad(
                 self._scaled(weighted), theta, create_graph=not forward,
                 retain_graph=not self.recompute_forward, materialize_grads=True))
+        activations.release()
         grads = coll.sum_differentiable(grads)  # sync="exact": the global batch's gradient
         # The SGD look-ahead (torchopt.sgd's update); reverse_lookahead climbs instead (appendix
         # 7.1). Without a graph (forward mode) one fused op does it.
@@ -657,8 +667,11 @@ class SampleReweighter(MetaOptimizerBase):
         del grads  # the look-ahead's graph does not save them: free them for what follows
 
         scratch = fm.clone_buffers() if fm.buffer_names else {}
-        val_losses = self._per_sample_losses(fm(theta_tilde, scratch, x_val), y_val,
-                                             "validation loss")
+        # The forward mode differentiates the validation graph once, while the training
+        # graph is kept: its batch norm and ReLU outputs are computed again when needed.
+        with RecomputedActivations(forward and self._batch_norm).forward():
+            output = fm(theta_tilde, scratch, x_val)
+        val_losses = self._per_sample_losses(output, y_val, "validation loss")
         g_val = g_val.to(val_losses.device)
         if coll.exact:  # the meta-loss of the concatenated validation batches, on every rank
             val_losses, g_val = coll.gather_differentiable(val_losses), coll.gather(g_val)

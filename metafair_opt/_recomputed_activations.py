@@ -1,0 +1,217 @@
+"""Batch norm, ReLU and residual-sum outputs that a graph saves as recipes.
+
+The reweighter's forward-mode step keeps the training forward's graph through the validation
+pass (it serves the final weighted gradient too), so at the step's peak two forward graphs are
+alive. In a ResNet much of what such a graph saves are outputs of a batch norm followed by a
+ReLU, or of ReLU(batch norm + shortcut): each saved by the ReLU (its output, for its mask) and by
+the convolutions that read it (their input), while the batch norm keeps its own input anyway.
+
+:class:`RecomputedActivations` runs a forward under a ``TorchFunctionMode`` that notes, for each
+training-mode ``batch_norm`` output and for each ReLU or sum (``+``, ``+=``, ``add``) of such
+noted tensors, how to compute it again from the batch norms' inputs, weights and biases; its
+saved-tensor hooks then save that recipe in place of the tensor (see
+:mod:`metafair_opt._saved_recipes`). The values computed again are bit for bit the saved ones:
+the same calls (``batch_norm`` in training mode, with throwaway running statistics where the
+first call had some, so that it takes the same kernel; ``relu``; ``add``) on the same inputs.
+A tensor changed in place by anything else after it was noted is saved as it is.
+
+With ``keep=True`` the graph's first backward pass still gets the tensors themselves; after
+:meth:`RecomputedActivations.release` they are dropped and computed again when needed.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from metafair_opt._saved_recipes import (
+    RECIPE,
+    Recipe,
+    check_version,
+    pack,
+    recipes_possible,
+    unpack,
+)
+from metafair_opt._second_order import (
+    _BATCH_NORM_ARGS,
+    _BATCH_NORM_DEFAULTS,
+    _bind,
+    _routable_batch_norm,
+)
+
+__all__ = ["RecomputedActivations", "has_batch_norm"]
+
+# ReLU saves its output while it runs, before the mode could note it: only an in-place ReLU's
+# output (the tensor it is given, one version on) can be noted in advance.
+_IN_PLACE_RELUS = {torch.relu_, Tensor.relu_, F.relu_}
+_SUMS = {torch.add, Tensor.add, Tensor.__add__, Tensor.add_, Tensor.__iadd__}
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a batch norm module (without one there is nothing to note)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class _Activation(Recipe):
+    """A noted activation: computed from batch norm inputs, ReLUs and sums."""
+
+    __slots__ = ()
+
+
+class _BatchNormOutput(_Activation):
+    __slots__ = ("eps", "inputs", "running_dtype", "versions")
+
+    def __init__(self, y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 running_dtype: torch.dtype | None, eps: float) -> None:
+        super().__init__(y)
+        self.inputs = tuple(None if t is None else t.detach() for t in (x, weight, bias))
+        self.versions = tuple(0 if t is None else t._version for t in (x, weight, bias))
+        self.running_dtype = running_dtype
+        self.eps = eps
+
+    def evaluate(self) -> Tensor:
+        for t, v in zip(self.inputs, self.versions):
+            if t is not None:
+                check_version(t, v)
+        x, weight, bias = self.inputs
+        assert x is not None
+        running_mean = running_var = None
+        if self.running_dtype is not None:
+            channels = x.shape[1]
+            running_mean = torch.zeros(channels, dtype=self.running_dtype, device=x.device)
+            running_var = torch.ones(channels, dtype=self.running_dtype, device=x.device)
+        with torch.no_grad():
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.0, self.eps)
+
+
+class _Relu(_Activation):
+    __slots__ = ("source",)
+
+    def __init__(self, y: Tensor, source: _Activation, version: int) -> None:
+        super().__init__(y, version)
+        self.source = source
+
+    def evaluate(self) -> Tensor:
+        value, writable = self.source.source_value()
+        with torch.no_grad():  # in place where it can: the memory traffic is the cost here
+            return value.relu_() if writable else torch.relu(value)
+
+
+class _Sum(_Activation):
+    __slots__ = ("sources",)
+
+    def __init__(self, y: Tensor, sources: tuple[_Activation, _Activation]) -> None:
+        super().__init__(y)
+        self.sources = sources
+
+    def evaluate(self) -> Tensor:
+        (a, a_writable), (b, b_writable) = (source.source_value() for source in self.sources)
+        with torch.no_grad():
+            if a_writable:
+                return a.add_(b)
+            return b.add_(a) if b_writable else torch.add(a, b)
+
+
+def _noted(t: Any) -> _Activation | None:
+    """``t``'s recipe if it is a noted activation that nothing has changed since."""
+    recipe = getattr(t, RECIPE, None) if isinstance(t, Tensor) else None
+    return recipe if isinstance(recipe, _Activation) and recipe.live_for(t) else None
+
+
+class _Noting(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        # The running call's tensor arguments (id -> version when the call began), so that the
+        # hooks can tell a saved input from a saved output.
+        self.inputs: dict[int, int] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        outer = self.inputs
+        self.inputs = {id(t): t._version for t in (*args, *kwargs.values())
+                       if isinstance(t, Tensor)}
+        try:
+            return self._note(func, args, kwargs)
+        finally:
+            self.inputs = outer
+
+    def _note(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if func is F.batch_norm:
+            output = func(*args, **kwargs)
+            x, running_mean, _, weight, bias, training, _, eps = _bind(
+                args, kwargs, _BATCH_NORM_ARGS, _BATCH_NORM_DEFAULTS)
+            if (isinstance(output, Tensor) and _routable_batch_norm(x, training)
+                    and output.dtype == x.dtype):
+                running = None if running_mean is None else running_mean.dtype
+                setattr(output, RECIPE, _BatchNormOutput(output, x, weight, bias, running, eps))
+            return output
+        if func in _IN_PLACE_RELUS or (func is F.relu and _bind(
+                args, kwargs, ("input", "inplace"), (None, False))[1]):
+            t = args[0] if args else kwargs.get("input")
+            source = _noted(t)
+            if source is None:
+                return func(*args, **kwargs)
+            recipe = _Relu(t, source, t._version + 1)
+            setattr(t, RECIPE, recipe)
+            output = func(*args, **kwargs)
+            if output is not t or t._version != recipe.version:
+                delattr(t, RECIPE)
+            return output
+        if func in _SUMS and len(args) == 2 and not kwargs:
+            a, b = (_noted(t) for t in args)
+            output = func(*args, **kwargs)
+            if (a is not None and b is not None and isinstance(output, Tensor)
+                    and output.shape == args[0].shape == args[1].shape
+                    and output.dtype == args[0].dtype == args[1].dtype):
+                setattr(output, RECIPE, _Sum(output, (a, b)))
+            return output
+        return func(*args, **kwargs)
+
+
+class RecomputedActivations:
+    """Forwards whose graphs save noted activations as recipes (see the module's docstring).
+
+    ``with activations.forward(): out = model(x)``; with ``keep=True`` the tensors themselves
+    serve every unpack until :meth:`release`. A no-op where ``enabled`` is False or saved-tensor
+    hooks of others are active or hooks are disabled."""
+
+    def __init__(self, enabled: bool = True, keep: bool = False) -> None:
+        self.enabled = enabled
+        self.keep = keep
+        self._kept: list[Recipe] = []
+
+    def forward(self) -> Any:
+        """The context for a forward (the mode and the saved-tensor hooks)."""
+        if not self.enabled or not recipes_possible():
+            return nullcontext()
+        noting = _Noting()
+
+        def pack_noted(t: Tensor) -> Any:
+            if noting.inputs.get(id(t)) == t._version and not hasattr(t, RECIPE):
+                # An argument of the running call, unchanged: its graph leads only to earlier
+                # nodes, so it is kept as it is (as autograd keeps it without hooks), not
+                # detached. The forward replay's record finds a convolution's output by a weak
+                # reference to that very tensor object.
+                return t, t._version
+            packed = pack(t)
+            if self.keep and isinstance(packed, Recipe) and not packed.kept:
+                packed.keep(t)
+                self._kept.append(packed)
+            return packed
+
+        stack = ExitStack()
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack_noted, unpack))
+        stack.enter_context(noting)
+        return stack
+
+    def release(self) -> None:
+        """Drop the kept tensors: the graph computes them again when it needs them."""
+        for recipe in self._kept:
+            recipe.release()
+        self._kept.clear()
