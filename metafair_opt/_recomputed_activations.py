@@ -32,7 +32,6 @@ from torch.overrides import TorchFunctionMode
 from metafair_opt._saved_recipes import (
     RECIPE,
     Recipe,
-    check_version,
     pack,
     recipes_possible,
     unpack,
@@ -64,21 +63,16 @@ class _Activation(Recipe):
 
 
 class _BatchNormOutput(_Activation):
-    __slots__ = ("eps", "inputs", "running_dtype", "versions")
+    __slots__ = ("eps", "running_dtype")
 
     def __init__(self, y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                  running_dtype: torch.dtype | None, eps: float) -> None:
-        super().__init__(y)
-        self.inputs = tuple(None if t is None else t.detach() for t in (x, weight, bias))
-        self.versions = tuple(0 if t is None else t._version for t in (x, weight, bias))
+        super().__init__(y, (x, weight, bias))
         self.running_dtype = running_dtype
         self.eps = eps
 
     def evaluate(self) -> Tensor:
-        for t, v in zip(self.inputs, self.versions):
-            if t is not None:
-                check_version(t, v)
-        x, weight, bias = self.inputs
+        x, weight, bias = self.checked_inputs()
         assert x is not None
         running_mean = running_var = None
         if self.running_dtype is not None:
@@ -93,7 +87,7 @@ class _Relu(_Activation):
     __slots__ = ("source",)
 
     def __init__(self, y: Tensor, source: _Activation, version: int) -> None:
-        super().__init__(y, version)
+        super().__init__(y, version=version)
         self.source = source
 
     def evaluate(self) -> Tensor:

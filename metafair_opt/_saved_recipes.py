@@ -42,10 +42,16 @@ def check_version(t: Tensor, version: int) -> None:
 class Recipe:
     """How to compute a saved tensor again; subclasses say how (:meth:`evaluate`)."""
 
-    __slots__ = ("kept", "pending", "saves", "value", "version")
+    __slots__ = ("inputs", "kept", "pending", "saves", "value", "version", "versions")
 
-    def __init__(self, t: Tensor, version: int | None = None) -> None:
+    def __init__(self, t: Tensor, inputs: tuple[Tensor | None, ...] = (),
+                 version: int | None = None) -> None:
+        """``t`` is the tensor the recipe stands in for (``version``: the one at which it
+        does, if not ``t``'s current one); ``inputs`` the tensors it is computed from."""
         self.version = t._version if version is None else version
+        # Detached: the recipe references values, never a graph.
+        self.inputs = tuple(None if x is None else x.detach() for x in inputs)
+        self.versions = tuple(0 if x is None else x._version for x in inputs)
         self.saves = self.pending = 0
         self.value: Tensor | None = None
         self.kept = False
@@ -53,6 +59,13 @@ class Recipe:
     def evaluate(self) -> Tensor:
         """The tensor's value, computed again (no graph)."""
         raise NotImplementedError
+
+    def checked_inputs(self) -> tuple[Tensor | None, ...]:
+        """The inputs, after autograd's check that none was changed in place since."""
+        for x, version in zip(self.inputs, self.versions):
+            if x is not None:
+                check_version(x, version)
+        return self.inputs
 
     def live_for(self, t: Tensor) -> bool:
         """Whether this recipe still gives ``t``'s value (nothing changed it in place since)."""

@@ -49,7 +49,6 @@ from torch.overrides import TorchFunctionMode
 from metafair_opt._saved_recipes import (
     RECIPE,
     Recipe,
-    check_version,
     recipes_possible,
     recipes_wanted,
     saving_recipes,
@@ -257,22 +256,16 @@ class _InputGradientRecipe(Recipe):
     on ``gx`` (a convolution's backward saves it twice) need not keep ``gx`` itself: the first
     computation's kernel and output mask on the same inputs, whose versions are checked."""
 
-    __slots__ = ("eps", "inputs", "mask", "versions")
+    __slots__ = ("eps", "mask")
 
     def __init__(self, gx: Tensor, inputs: tuple[Tensor | None, ...], eps: float,
                  mask: list[bool]) -> None:
-        super().__init__(gx)
-        # Detached: the recipe references values, never a graph.
-        self.inputs = tuple(None if t is None else t.detach() for t in inputs)
-        self.versions = tuple(0 if t is None else t._version for t in inputs)
+        super().__init__(gx, inputs)
         self.eps = eps
         self.mask = mask
 
     def evaluate(self) -> Tensor:
-        for t, v in zip(self.inputs, self.versions):
-            if t is not None:
-                check_version(t, v)
-        g, x, weight, mean, invstd = self.inputs
+        g, x, weight, mean, invstd = self.checked_inputs()
         with torch.no_grad():  # autograd attaches the saved tensor's own graph edge
             return _aten.native_batch_norm_backward(
                 g, x, weight, None, None, mean, invstd, True, self.eps, self.mask)[0]
