@@ -9,7 +9,10 @@ saved through hooks).
 
 A recipe's value is computed at the first unpack of a pass over the graph and kept until that
 pass has unpacked each of its saves, then dropped; a pass that unpacks only some saves keeps it
-for the graph's lifetime, never more than saving the tensor would have kept. A recipe can also
+for the graph's lifetime, never more than saving the tensor would have kept. A recipe computed
+from another (see :meth:`Recipe.source_value`) computes each once per pass where a backward
+unpacks the dependants before their sources, as a sequential network's does; in another order
+a source may be computed twice, its value then kept like that of a partial pass. A recipe can also
 be kept as the tensor itself until :meth:`Recipe.release` (for a graph that is differentiated
 once before memory gets tight). A recipe checks the versions of the tensors it computes from;
 a change through ``.data``, which no version records, is not seen.

@@ -153,10 +153,10 @@ class SampleReweighter(MetaOptimizerBase):
             buffers and random draws) for the final gradient: the step's peak then holds one
             batch's saved activations instead of the training and the validation batch's
             together (on the benchmark's ResNet-18 from 1.46x to 1.00x the plain step's peak
-            of live tensors), for one more forward's time (there 18 % more). Needs the
-            forward-mode weight gradient (with ``weight_grad_mode="auto"`` it takes it whatever
-            the model's size; refused with ``"reverse"``, whose second-order graph holds the
-            training forward anyway, and with ``compiled=True``).
+            of live tensors), for one more forward's time (there 18 % more in the last full
+            run). Needs the forward-mode weight gradient (with ``weight_grad_mode="auto"`` it
+            takes it whatever the model's size; refused with ``"reverse"``, whose second-order
+            graph holds the training forward anyway, and with ``compiled=True``).
         compiled: compute each weight-updating step with ``torch.func`` transforms compiled by
             ``torch.compile(fullgraph=True)``: one graph for the training forward, the
             look-ahead, the validation loss, the weight gradient and update, and the final

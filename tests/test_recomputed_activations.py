@@ -19,11 +19,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 import metafair_opt._recomputed_activations as activations
 import metafair_opt.reweighting as reweighting
 from metafair_opt import SampleReweighter
+from metafair_opt._forward_replay import PrimalRecord
 from metafair_opt._recomputed_activations import RecomputedActivations, has_batch_norm
 from metafair_opt._saved_recipes import RECIPE
 
@@ -239,20 +242,147 @@ def test_inputs_changed_in_place_raise_autograds_error() -> None:
             hidden = conv(batch())
             normed = bn(hidden).relu_()
             out = head(normed)
+            recipe = activations._noted(normed)
         with torch.no_grad():
             hidden.add_(1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.grad(out.sum(), list(conv.parameters()))
-    recipe = getattr(normed, RECIPE)
+    assert isinstance(recipe, activations._Relu)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         recipe.evaluate()
+
+
+def test_only_a_graph_the_hooks_save_is_noted() -> None:
+    """Outputs of a frozen part, or under no_grad, or inside checkpoint, are not noted: their
+    recipes would keep batch norm inputs that nothing else keeps (here the frozen blocks'
+    convolution outputs, all freed without the context too)."""
+    torch.manual_seed(0)
+    frozen = nn.Sequential(Block(2, 6, stride=2), Block(6, 6)).requires_grad_(False)
+    head = nn.Conv2d(6, 3, 3)
+    refs: list[weakref.ref[Tensor]] = []
+    for conv in frozen.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    with RecomputedActivations().forward():
+        out = head(frozen(batch()))
+        with torch.no_grad():
+            assert activations._noted(frozen(batch())) is None
+        checkpointed = torch.utils.checkpoint.checkpoint(resnet(), batch(), use_reentrant=False)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # as there
+            assert activations._noted(resnet()[:2](batch())) is None
+        assert activations._noted(resnet()[:2](batch())) is not None
+    gc.collect()
+    assert len(refs) == 2 * 5 and all(ref() is None for ref in refs)
+    assert out.requires_grad and checkpointed.requires_grad
+
+
+def test_tags_are_removed_when_the_forward_ends() -> None:
+    """A noted tensor that outlives the forward carries no recipe (nor the inputs it keeps)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(2)
+    with RecomputedActivations().forward():
+        y = bn(batch()).relu_()
+        assert isinstance(activations._noted(y), activations._Relu)
+    assert not hasattr(y, RECIPE)
+
+
+def test_inference_tensors_pass_through() -> None:
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+    with RecomputedActivations().forward():
+        assert torch.equal(x * 2, x + x)
+
+
+class Raising(TorchFunctionMode):
+    """Raises on in-place ReLU (below the noting mode: as a failing kernel would)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.relu_, Tensor.relu_):
+            raise RuntimeError("relu_ failed")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_failed_relu_leaves_the_batch_norms_recipe() -> None:
+    """The ReLU's recipe, set before the call, is taken back when the call raises: the tensor
+    keeps the batch norm's, which a later in-place change then outdates."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(2)
+    with Raising(), RecomputedActivations().forward():
+        y = bn(batch())
+        with pytest.raises(RuntimeError, match="relu_ failed"):
+            y.relu_()
+        assert isinstance(activations._noted(y), activations._BatchNormOutput)
+        y.mul_(-1)
+        assert activations._noted(y) is None
+
+
+class Counting(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Any] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mode_active_in_the_backward_does_not_see_the_recomputation() -> None:
+    """The values are computed as in the forward, not through a mode the backward runs under
+    (ours would route batch norm to another kernel)."""
+    model = resnet()
+    with RecomputedActivations().forward():
+        loss = model(batch()).sum()
+    counting, ones, params = Counting(), torch.ones_like(loss), tuple(model.parameters())
+    with counting:  # the engine itself: torch.autograd.grad would run without the mode
+        torch.autograd.Variable._execution_engine.run_backward(
+            (loss,), (ones,), False, False, params, False, False)
+    assert counting.calls  # the mode was active in the backward (it saw attribute reads)
+    recomputing = {torch.batch_norm, F.batch_norm, torch.relu, Tensor.relu_, Tensor.add_,
+                   torch.add}
+    assert not recomputing & set(counting.calls)
+
+
+@pytest.mark.parametrize("layout", ["a += a", "channels_last"])
+def test_other_shapes_of_the_same_graph_give_the_same_gradients(layout: str) -> None:
+    """A sum of a tensor with itself; a channels_last model and input (a sum of operands with
+    other strides is not noted: its value computed again would take one operand's)."""
+    if layout == "a += a":
+        class Doubled(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bn, self.head = nn.BatchNorm2d(2), nn.Conv2d(2, 2, 3)
+
+            def forward(self, x: Tensor) -> Tensor:
+                y = self.bn(x)
+                y += y
+                return self.head(y.relu_())
+        torch.manual_seed(0)
+        model, x = Doubled(), batch()
+    else:
+        model = resnet().to(memory_format=torch.channels_last)
+        x = batch().contiguous(memory_format=torch.channels_last)
+    assert_bitwise(gradients(model, x, RecomputedActivations().forward()),
+                   gradients(model, x, nullcontext()))
+    mixed = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    with RecomputedActivations().forward():
+        norm = nn.BatchNorm2d(3)
+        assert activations._noted(norm(mixed) + norm(mixed.contiguous())) is None
 
 
 # ------------------------------------------------------------------------ in the reweighter
 def reweighter_run(monkeypatch: pytest.MonkeyPatch, recompute: bool, **options) -> tuple:
     """Two forward-mode reweighting steps on the ResNet; ``recompute=False`` turns the recipes
-    off. Returns the weights and the model's state."""
+    off. Returns the weights, the model's state and how many convolution outputs the forward
+    replay took from the training forward."""
+    taken = []
+    original = PrimalRecord.take
+
+    def counted(self, *args):
+        out = original(self, *args)
+        taken.append(out is not None)
+        return out
     with monkeypatch.context() as patch:
+        patch.setattr(PrimalRecord, "take", counted)
         if not recompute:
             patch.setattr(reweighting, "RecomputedActivations",
                           lambda enabled=True, keep=False: RecomputedActivations(False, keep))
@@ -268,7 +398,7 @@ def reweighter_run(monkeypatch: pytest.MonkeyPatch, recompute: bool, **options) 
         for _ in range(2):
             rw.zero_grad()
             rw.step(x, y, idx, val=val)
-    return rw.weights.clone(), [t.clone() for t in model.state_dict().values()]
+    return rw.weights.clone(), [t.clone() for t in model.state_dict().values()], sum(taken)
 
 
 @pytest.mark.parametrize("options", [{}, {"recompute_forward": True}],
@@ -278,9 +408,12 @@ def test_reweighter_forward_mode_is_the_same_with_recomputed_activations(
     """The same weights and model to the bit. Per step the training graph's final pass and the
     validation graph's pass compute the five ReLU outputs each (recompute_forward: the
     validation graph only; the training forward's graph is freed after its first pass)."""
-    w_got, state_got = reweighter_run(monkeypatch, recompute=True, **options)
+    w_got, state_got, taken = reweighter_run(monkeypatch, recompute=True, **options)
     assert computed["_Relu"] == 2 * (5 if options else 10)
-    w_ref, state_ref = reweighter_run(monkeypatch, recompute=False, **options)
+    # The forward replay still finds the six convolution outputs a step (none when the
+    # training forward's graph is freed).
+    assert taken == (0 if options else 12)
+    w_ref, state_ref, _ = reweighter_run(monkeypatch, recompute=False, **options)
     assert computed["_Relu"] == 2 * (5 if options else 10)  # none without the recipes
     assert w_ref.abs().max() > 1e-3  # the weights moved, so the comparison means something
     assert torch.equal(w_got, w_ref)
