@@ -197,7 +197,7 @@ class _Noting(TorchFunctionMode):
             try:
                 output = func(*args, **kwargs)
             except BaseException:
-                self._tag(t, source)  # unchanged: the batch norm's recipe still gives it
+                self._tag(t, source)  # unchanged: its recipe before the call still gives it
                 raise
             if output is not t or t._version != recipe.version:
                 self._tag(t, None)
