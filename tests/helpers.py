@@ -107,3 +107,41 @@ class SquaredHidden(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.dropout(CustomSquare.apply(self.first(x))))
+
+
+def spy_on_replay_takes(patch: Any) -> list[bool]:
+    """Installs (with ``patch``, a ``pytest.MonkeyPatch``) a spy on the forward replay's
+    ``PrimalRecord.take``; the list it returns gets, per call, whether a recorded convolution
+    output was taken."""
+    from metafair_opt._forward_replay import PrimalRecord
+
+    taken: list[bool] = []
+    original = PrimalRecord.take
+
+    def counted(self: PrimalRecord, *args: Any) -> Tensor | None:
+        out = original(self, *args)
+        taken.append(out is not None)
+        return out
+    patch.setattr(PrimalRecord, "take", counted)
+    return taken
+
+
+def two_reweighting_steps(model: nn.Module, images: Any, **options: Any
+                          ) -> tuple[Tensor, list[Tensor]]:
+    """Two ``SampleReweighter`` steps (cross-entropy on three classes, 8 training rows of a
+    10-row table, 6 validation rows in two groups) on ``model`` with ``options``; ``images(seed,
+    rows)`` makes the inputs. Returns the weights and the model's state."""
+    import torch.nn.functional as F
+
+    from metafair_opt import SampleReweighter
+
+    g = torch.Generator().manual_seed(3)
+    x, y = images(3, 8), torch.randint(0, 3, (8,), generator=g)
+    val = (images(4, 6), torch.randint(0, 3, (6,), generator=g), torch.arange(6) % 2)
+    idx = torch.tensor([4, 0, 9, 2, 7, 1, 5, 3])
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=10,
+                          loss_fn=F.cross_entropy, weight_lr=2.0, lookahead_lr=0.5, **options)
+    for _ in range(2):
+        rw.zero_grad()
+        rw.step(x, y, idx, val=val)
+    return rw.weights.clone(), [t.clone() for t in model.state_dict().values()]

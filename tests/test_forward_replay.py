@@ -24,8 +24,8 @@ from torch.func import functional_call
 
 import metafair_opt._forward_replay as forward_replay
 import metafair_opt.reweighting as reweighting
-from metafair_opt import SampleReweighter
 from metafair_opt._forward_replay import PrimalRecord, recording_primals, replaying_primals
+from tests.helpers import spy_on_replay_takes, two_reweighting_steps
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # from tests/conftest.py
 
@@ -327,30 +327,15 @@ def reweighter_run(monkeypatch: pytest.MonkeyPatch, replay: bool, model: nn.Modu
     """Two reweighting steps (forward mode unless ``mode`` says otherwise) on the residual CNN
     or ``model``; ``replay=False`` swaps the replay for PyTorch's own jvp. Returns the weights,
     the model's state and how many recorded outputs were taken."""
-    taken = []
-    original = PrimalRecord.take
-
-    def counted(self, *args):
-        out = original(self, *args)
-        taken.append(out is not None)
-        return out
     with monkeypatch.context() as patch:
-        patch.setattr(PrimalRecord, "take", counted)
+        taken = spy_on_replay_takes(patch)
         if not replay:
             patch.setattr(reweighting, "recording_primals", lambda record: nullcontext())
             patch.setattr(reweighting, "replaying_primals", lambda record: nullcontext())
-        g = torch.Generator().manual_seed(3)
-        x, y = batch(seed=3, rows=8), torch.randint(0, 3, (8,), generator=g)
-        val = (batch(seed=4), torch.randint(0, 3, (6,), generator=g), torch.arange(6) % 2)
-        idx = torch.tensor([4, 0, 9, 2, 7, 1, 5, 3])
         model = model if model is not None else residual_cnn(seed=4, classes=3)
-        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                              num_samples=10, loss_fn=F.cross_entropy, weight_lr=2.0,
-                              lookahead_lr=0.5, weight_grad_mode=mode, **options)
-        for _ in range(2):
-            rw.zero_grad()
-            rw.step(x, y, idx, val=val)
-    return rw.weights.clone(), [t.clone() for t in model.state_dict().values()], sum(taken)
+        weights, state = two_reweighting_steps(model, lambda seed, rows: batch(seed, rows),
+                                               weight_grad_mode=mode, **options)
+    return weights, state, sum(taken)
 
 
 @pytest.mark.parametrize("options", [{}, {"recompute_forward": True}],

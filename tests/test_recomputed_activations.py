@@ -25,10 +25,9 @@ from torch.overrides import TorchFunctionMode
 
 import metafair_opt._recomputed_activations as activations
 import metafair_opt.reweighting as reweighting
-from metafair_opt import SampleReweighter
-from metafair_opt._forward_replay import PrimalRecord
 from metafair_opt._recomputed_activations import RecomputedActivations, has_batch_norm
 from metafair_opt._saved_recipes import RECIPE
+from tests.helpers import spy_on_replay_takes, two_reweighting_steps
 
 
 class Block(nn.Module):
@@ -374,31 +373,14 @@ def reweighter_run(monkeypatch: pytest.MonkeyPatch, recompute: bool, **options) 
     """Two forward-mode reweighting steps on the ResNet; ``recompute=False`` turns the recipes
     off. Returns the weights, the model's state and how many convolution outputs the forward
     replay took from the training forward."""
-    taken = []
-    original = PrimalRecord.take
-
-    def counted(self, *args):
-        out = original(self, *args)
-        taken.append(out is not None)
-        return out
     with monkeypatch.context() as patch:
-        patch.setattr(PrimalRecord, "take", counted)
+        taken = spy_on_replay_takes(patch)
         if not recompute:
             patch.setattr(reweighting, "RecomputedActivations",
                           lambda enabled=True, keep=False: RecomputedActivations(False, keep))
-        g = torch.Generator().manual_seed(3)
-        x, y = batch(seed=3, rows=8), torch.randint(0, 3, (8,), generator=g)
-        val = (batch(seed=4, rows=6), torch.randint(0, 3, (6,), generator=g),
-               torch.arange(6) % 2)
-        idx = torch.tensor([4, 0, 9, 2, 7, 1, 5, 3])
-        model = resnet(seed=4)
-        rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                              num_samples=10, loss_fn=F.cross_entropy, weight_lr=2.0,
-                              lookahead_lr=0.5, weight_grad_mode="forward", **options)
-        for _ in range(2):
-            rw.zero_grad()
-            rw.step(x, y, idx, val=val)
-    return rw.weights.clone(), [t.clone() for t in model.state_dict().values()], sum(taken)
+        weights, state = two_reweighting_steps(resnet(seed=4), lambda seed, rows: batch(seed, rows),
+                                               weight_grad_mode="forward", **options)
+    return weights, state, sum(taken)
 
 
 @pytest.mark.parametrize("options", [{}, {"recompute_forward": True}],
