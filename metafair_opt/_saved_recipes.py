@@ -20,6 +20,7 @@ a change through ``.data``, which no version records, is not seen.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ def check_version(t: Tensor, version: int) -> None:
             "before the graph is differentiated.")
 
 
-class Recipe:
+class Recipe(ABC):
     """How to compute a saved tensor again; subclasses say how (:meth:`evaluate`)."""
 
     __slots__ = ("inputs", "kept", "pending", "saves", "value", "version", "versions")
@@ -59,9 +60,9 @@ class Recipe:
         self.value: Tensor | None = None
         self.kept = False
 
+    @abstractmethod
     def evaluate(self) -> Tensor:
         """The tensor's value, computed again (no graph)."""
-        raise NotImplementedError
 
     def checked_inputs(self) -> tuple[Tensor | None, ...]:
         """The inputs, after autograd's check that none was changed in place since."""
