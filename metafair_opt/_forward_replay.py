@@ -15,7 +15,8 @@ out-of-place ReLU read, say) is gone by then and is computed again, so the recor
 memory. A recorded output is taken only if the call lines up with the recording (the same
 weight, by storage or by value, and input shape) and nothing has written to it in place since
 (writes through ``.data`` bypass that check); from the first call that does not line up on,
-every convolution is computed in full. Calls under autocast are neither recorded nor taken.
+every convolution is computed in full. Calls under autocast are neither recorded nor taken, nor
+calls in code that ``torch.compile`` traces.
 The pass is for values: the recorded outputs come back detached and the tangents are
 computed without a reverse-mode graph, so neither can be differentiated again.
 
@@ -35,7 +36,6 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from metafair_opt._second_order import (
     _BATCH_NORM_ARGS,
@@ -43,6 +43,7 @@ from metafair_opt._second_order import (
     _CONVOLUTION_ARGS,
     _CONVOLUTION_DEFAULTS,
     _CONVOLUTIONS,
+    InterceptingMode,
     _bind,
     _routable,
     _routable_batch_norm,
@@ -109,14 +110,12 @@ def replaying_primals(record: PrimalRecord | None) -> Any:
     return _Replaying(record) if record is not None else nullcontext()
 
 
-class _Recording(TorchFunctionMode):
+class _Recording(InterceptingMode):
     def __init__(self, record: PrimalRecord) -> None:
         super().__init__()
         self.record = record
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
+    def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         output = func(*args, **kwargs)
         if func in _CONVOLUTIONS:
             x, weight = _bind(args, kwargs, _CONVOLUTION_ARGS, _CONVOLUTION_DEFAULTS)[:2]
@@ -135,7 +134,7 @@ def _split(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     return primal, tangent
 
 
-class _Replaying(TorchFunctionMode):
+class _Replaying(InterceptingMode):
     def __init__(self, record: PrimalRecord) -> None:
         super().__init__()
         self.record = record
@@ -144,9 +143,7 @@ class _Replaying(TorchFunctionMode):
         self.record.outputs.clear()
         return super().__exit__(*exc)
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
+    def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         if func in _CONVOLUTIONS:
             return self._convolution(func, _bind(args, kwargs, _CONVOLUTION_ARGS,
                                                  _CONVOLUTION_DEFAULTS))

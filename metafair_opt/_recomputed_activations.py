@@ -25,6 +25,10 @@ differentiated raises autograd's error.
 
 With ``keep=True`` the graph's first backward pass still gets the tensors themselves; after
 :meth:`RecomputedActivations.release` they are dropped and computed again when needed.
+
+Nothing is noted in code that ``torch.compile`` traces (a compiled model, say): it runs as it
+was compiled, its saved tensors saved as they are (see
+:class:`~metafair_opt._second_order.InterceptingMode`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from metafair_opt._saved_recipes import (
     RECIPE,
@@ -49,6 +52,7 @@ from metafair_opt._saved_recipes import (
 from metafair_opt._second_order import (
     _BATCH_NORM_ARGS,
     _BATCH_NORM_DEFAULTS,
+    InterceptingMode,
     _bind,
     _routable_batch_norm,
 )
@@ -140,7 +144,7 @@ def _noted(t: Any) -> _Activation | None:
     return recipe if isinstance(recipe, _Activation) and recipe.live_for(t) else None
 
 
-class _Noting(TorchFunctionMode):
+class _Noting(InterceptingMode):
     def __init__(self, pack: Any) -> None:
         super().__init__()
         self.pack = pack  # the hooks' pack function: noting is for graphs those hooks save
@@ -149,9 +153,7 @@ class _Noting(TorchFunctionMode):
         self.inputs: dict[int, int] = {}
         self.noted: list[weakref.ref[Tensor]] = []
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
+    def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         outer = self.inputs
         self.inputs = {id(t): t._version for t in (*args, *kwargs.values())
                        if isinstance(t, Tensor) and not t.is_inference()}

@@ -31,7 +31,9 @@ saving does; saved as it is, a node saving its own output would hold itself) and
 autograd's check that it was not changed in place, which autograd skips for hooked tensors.
 
 Calls the Functions do not cover run as they are: ``padding="same"``/``"valid"``, unbatched
-inputs, dtypes other than float32 and float64, autocast, and batch norm in eval mode. The
+inputs, dtypes other than float32 and float64, autocast, batch norm in eval mode, and calls in
+code that ``torch.compile`` traces (see :class:`InterceptingMode`; torch 2.15 cannot
+differentiate a compiled model twice anyway). The
 routing applies on every device; its speed has been measured on the CPU only.
 """
 
@@ -312,14 +314,33 @@ def _routable_batch_norm(x: Tensor, training: bool) -> bool:
     return training and x.dim() >= 2 and _routable(x) and x.numel() > x.shape[1]
 
 
-class _SecondOrderOps(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.batch_norms = 0  # how many batch norm calls it routed
+class InterceptingMode(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that hands each call to :meth:`intercept`, except while
+    ``torch.compile`` traces (a compiled model or function called under the mode): what a
+    trace records of our bookkeeping (tags and records on fake tensors, hooks it cannot
+    trace, a recompilation per call signature) does not hold when the compiled code runs: a
+    compiled ResNet under :class:`~metafair_opt._recomputed_activations.RecomputedActivations`
+    got wrong final gradients (zero for some parameters of a ResNet-18). Compiled code runs as
+    it was compiled, with PyTorch's own operations."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():
+            return func(*args, **kwargs)
+        return self.intercept(func, args, kwargs)
+
+    def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The call ``func(*args, **kwargs)``, as the mode handles it."""
+        return func(*args, **kwargs)
+
+
+class _SecondOrderOps(InterceptingMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_norms = 0  # how many batch norm calls it routed
+
+    def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         dims = _CONVOLUTIONS.get(func)
         if dims is not None:
             x, weight, bias, stride, padding, dilation, groups = _bind(

@@ -577,3 +577,24 @@ def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(
     for a, b in zip(s_rev, s_fwd):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert routed == {"convolution": 4, "batch_norm": 4}  # none in the forward mode
+
+
+def test_our_modes_stay_out_of_what_torch_compile_traces() -> None:
+    """While torch.compile traces code called under one of our modes, the mode's intercept
+    is not called (the compiled code may still pass through it when it runs)."""
+    from metafair_opt._second_order import InterceptingMode
+
+    while_compiling: list[bool] = []
+
+    class Seeing(InterceptingMode):
+        def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+            while_compiling.append(torch.compiler.is_compiling())
+            return func(*args, **kwargs)
+
+    compiled = torch.compile(lambda x: torch.relu(x) + 1, backend="eager")
+    x = torch.randn(3)
+    expected = torch.relu(x) + 1
+    with Seeing():
+        got = compiled(x)
+    assert torch.equal(got, expected)
+    assert while_compiling and True not in while_compiling
