@@ -259,7 +259,10 @@ def _all_finite(grads: Sequence[Tensor | None], sentinel: Tensor | None,
     """
     present = [g for g in grads if g is not None]
     if sentinel is not None:
-        flag = sentinel.detach().sum().float() * 0.0
+        sentinel = sentinel.detach()
+        if sentinel.dim() or sentinel.dtype != torch.float32:  # AMP's check takes a float32 flag
+            sentinel = sentinel.sum().float()
+        flag = sentinel * 0.0
     elif present:
         flag = torch.zeros((), device=device)
     else:

@@ -27,11 +27,11 @@ MetaLoss = Callable[[Tensor, Tensor], Tensor]
 
 def group_mean_losses(losses: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
     """The distinct group ids (sorted) and the mean loss of each, differentiable in ``losses``."""
-    ids, inverse = torch.unique(groups, sorted=True, return_inverse=True)
+    ids, inverse, counts = torch.unique(groups, sorted=True, return_inverse=True,
+                                        return_counts=True)
     sums = torch.zeros(ids.numel(), dtype=losses.dtype, device=losses.device)
     sums = sums.index_add(0, inverse.to(losses.device), losses)
-    counts = torch.bincount(inverse, minlength=ids.numel()).to(losses.dtype).to(losses.device)
-    return ids, sums / counts
+    return ids, sums / counts.to(losses.device, losses.dtype)
 
 
 def _max_from_means(means: Tensor, losses: Tensor) -> Tensor:

@@ -414,6 +414,8 @@ class SampleReweighter(MetaOptimizerBase):
         # rows: the table rows of the whole batch (every rank's under DDP); inverse: this
         # rank's samples' positions among them.
         rows, found = torch.unique(idx_all, return_inverse=True)
+        if not coll.distributed and (int(rows[0]) < 0 or int(rows[-1]) >= self.num_samples):
+            self._raise_out_of_range(idx)  # rows are sorted: their ends are idx's extremes
         all_inverse: Tensor | None = found
         inverse: Tensor | slice | None
         if rows.numel() == idx_all.numel():
@@ -820,16 +822,17 @@ class SampleReweighter(MetaOptimizerBase):
         return sum(sizes)
 
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:
-        """``idx`` as int64 row indices on the table's device. The range is checked here in
-        one process; under DDP by :meth:`_check_shards`, so that every rank raises."""
+        """``idx`` as int64 row indices on the table's device. The range is checked by
+        :meth:`step` (in one process, on the sorted unique rows it takes anyway) and under DDP
+        by :meth:`_check_shards`, so that every rank raises."""
+        if rows == 0:
+            raise ValueError("The training batch is empty; a step needs at least one row.")
         idx = torch.as_tensor(idx)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer dataset indices; got dtype {idx.dtype}.")
         idx = as_row_vector(idx, "idx").long()
         if idx.numel() != rows:
             raise ValueError(f"idx has {idx.numel()} entries but the batch has {rows} rows.")
-        if not self._coll.distributed and not self._in_range(idx):
-            self._raise_out_of_range(idx)
         return idx.to(self._rows.device)
 
     def _in_range(self, idx: Tensor) -> bool:
@@ -883,7 +886,7 @@ class SampleReweighter(MetaOptimizerBase):
         (columns exp_avg, exp_avg_sq, steps) from their ``state`` (None: never updated);
         nothing is stored."""
         if self.weight_optimizer == "sgd":
-            return current - self.weight_lr * grads, None
+            return torch.add(current, grads, alpha=-self.weight_lr), None
         beta1, beta2 = self.adam_betas
         if state is None:
             steps = torch.ones_like(grads)

@@ -167,6 +167,17 @@ def test_index_out_of_range_names_the_range_and_changes_nothing() -> None:
     assert_same_state(before, snapshot(model, opt, rw))
 
 
+def test_empty_training_batch_is_refused_and_changes_nothing() -> None:
+    model, opt, rw = trained()
+    x, y, xv, yv, gv = data(seed=9)
+    before = snapshot(model, opt, rw)
+    with pytest.raises(ValueError, match=re.escape(
+        "The training batch is empty; a step needs at least one row."
+    )):
+        rw.step(x[:0], y[:0], torch.arange(0), val=(xv, yv, gv))
+    assert_same_state(before, snapshot(model, opt, rw))
+
+
 @pytest.mark.parametrize("mode", ["reverse", "compiled"])
 @pytest.mark.parametrize("kind", ["mean_reduced", "no_reduction_argument"])
 def test_loss_without_per_sample_reduction_is_explained(kind: str, mode: str) -> None:
