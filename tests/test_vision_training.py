@@ -237,6 +237,11 @@ def test_vision_run_with_float16_and_a_grad_scaler(method: str, tmp_path) -> Non
     For FORML this is also the float16 test of the forward-mode weight gradient (ResNet-18 is
     above the "auto" threshold): run in float16, BatchNorm's tangents overflowed on these
     images and every step was skipped; it must run in float32.
+
+    Small images, since float16 convolutions are slow on the CPU (a forward of 256 16x16 images
+    took 11.5 s against 0.25 s in bfloat16): at 8x8 the float16 forward-mode pass still skips
+    every step (checked by running it in float16; at 12x12 it no longer did). FaAlGrad needs
+    12x12: a one-image support set at 8x8 leaves one value per channel for layer4's BatchNorm.
     """
     from metafair_opt.integrations.vision.models import build_resnet18
     from metafair_opt.integrations.vision.training import train_vision
@@ -247,7 +252,8 @@ def test_vision_run_with_float16_and_a_grad_scaler(method: str, tmp_path) -> Non
     assert sum(p.numel() for p in resnet.parameters()) >= FORWARD_MODE_MIN_PARAMETERS
 
     cfg = tiny_config(method=method, amp=True, amp_dtype="float16", checkpoint=str(tmp_path),
-                      max_steps_per_epoch=8)
+                      max_steps_per_epoch=8,
+                      extra={"image_size": 12 if method == "faalgrad" else 8})
     _, model = train_vision(cfg, quiet=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = torch.load(tmp_path / "last.pt", weights_only=False)
