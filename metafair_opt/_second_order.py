@@ -33,8 +33,8 @@ autograd's check that it was not changed in place, which autograd skips for hook
 Calls the Functions do not cover run as they are: ``padding="same"``/``"valid"``, unbatched
 inputs, dtypes other than float32 and float64, autocast, batch norm in eval mode, and calls in
 code that ``torch.compile`` traces (see :class:`InterceptingMode`; torch 2.15 cannot
-differentiate a compiled model twice anyway). The
-routing applies on every device; its speed has been measured on the CPU only.
+differentiate a compiled model twice anyway). The routing applies on every device; its speed
+has been measured on the CPU only.
 """
 
 from __future__ import annotations

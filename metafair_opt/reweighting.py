@@ -395,6 +395,12 @@ class SampleReweighter(MetaOptimizerBase):
         """
         n = check_same_batch_size(x, y)
         idx = self._checked_indices(idx, n)
+        coll = self._coll
+        if not coll.distributed:  # under DDP _check_shards does it, on every rank alike
+            unique_rows = torch.unique(idx, return_inverse=True)
+            low, high = unique_rows[0][[0, -1]].tolist()  # sorted: the ends are the extremes
+            if low < 0 or high >= self.num_samples:
+                self._raise_out_of_range(idx)
         self._begin_step()
         meta_step = self.step_count % self.meta_every == 0
         validation: tuple[Batch, Any, Tensor] | None = None
@@ -403,19 +409,17 @@ class SampleReweighter(MetaOptimizerBase):
                 raise TypeError("val must be a validation batch (x_val, y_val, groups_val).")
             validation = self._checked_validation(val)
 
-        coll = self._coll
         n_global = n  # the rows one softmax normalises over: every rank's under sync="exact"
         if coll.distributed:  # checked on every rank alike, before any other collective
             total = self._check_shards(n, validation, idx)
             n_global = total if coll.exact else n
             idx_all = coll.gather(idx.to(self._fmodel.params[0].device)).to(idx.device)
+            unique_rows = torch.unique(idx_all, return_inverse=True)
         else:
             idx_all = idx
         # rows: the table rows of the whole batch (every rank's under DDP); inverse: this
         # rank's samples' positions among them.
-        rows, found = torch.unique(idx_all, return_inverse=True)
-        if not coll.distributed and (int(rows[0]) < 0 or int(rows[-1]) >= self.num_samples):
-            self._raise_out_of_range(idx)  # rows are sorted: their ends are idx's extremes
+        rows, found = unique_rows
         all_inverse: Tensor | None = found
         inverse: Tensor | slice | None
         if rows.numel() == idx_all.numel():
@@ -798,6 +802,10 @@ class SampleReweighter(MetaOptimizerBase):
                 "rank; that rank's error names the index."
             )
         sizes = [c[0] for c in counts]
+        empty = [rank for rank, size in enumerate(sizes) if size == 0]
+        if empty:
+            raise ValueError(f"{_EMPTY_BATCH[:-1]} (rank(s) {empty}); nothing was updated on "
+                             "any rank.")
         if len(set(sizes)) > 1:
             raise ValueError(
                 f"SampleReweighter under DDP needs the same batch size on every rank; got "
@@ -823,10 +831,10 @@ class SampleReweighter(MetaOptimizerBase):
 
     def _checked_indices(self, idx: Any, rows: int) -> Tensor:
         """``idx`` as int64 row indices on the table's device. The range is checked by
-        :meth:`step` (in one process, on the sorted unique rows it takes anyway) and under DDP
-        by :meth:`_check_shards`, so that every rank raises."""
-        if rows == 0:
-            raise ValueError("The training batch is empty; a step needs at least one row.")
+        :meth:`step` (in one process, on the sorted unique rows it takes anyway) and under DDP,
+        with an empty batch, by :meth:`_check_shards`, so that every rank raises."""
+        if rows == 0 and not self._coll.distributed:
+            raise ValueError(_EMPTY_BATCH)
         idx = torch.as_tensor(idx)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer dataset indices; got dtype {idx.dtype}.")
@@ -836,6 +844,8 @@ class SampleReweighter(MetaOptimizerBase):
         return idx.to(self._rows.device)
 
     def _in_range(self, idx: Tensor) -> bool:
+        if idx.numel() == 0:
+            return True  # nothing outside; _check_shards refuses the empty batch
         low, high = torch.aminmax(idx)
         return int(low) >= 0 and int(high) < self.num_samples
 
@@ -942,6 +952,7 @@ class _Outcome:
 
 _WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
 _WEIGHT_GRADIENT = "meta-gradient of the batch's weights"  # its name among a step's values
+_EMPTY_BATCH = "The training batch is empty; a step needs at least one row."
 
 
 def _packed(like: Tensor, *columns: Tensor) -> Tensor:

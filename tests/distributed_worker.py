@@ -107,10 +107,11 @@ def main() -> None:
                 wrapper.zero_grad()
                 run_step(kind, wrapper, data)
             record["params"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-        elif scenario.endswith(("unequal", "badindex")):
+        elif scenario.endswith(("unequal", "badindex", "empty")):
             data = shard_data(0, rank)
-            if rank == 1 and scenario.endswith("unequal"):
-                data = {k: (v[:6] if k in ("x", "y", "groups", "idx") else v)
+            if rank == 1 and scenario.endswith(("unequal", "empty")):
+                rows = 6 if scenario.endswith("unequal") else 0
+                data = {k: (v[:rows] if k in ("x", "y", "groups", "idx") else v)
                         for k, v in data.items()}
             elif rank == 1:
                 data["idx"][2] = NUM_SAMPLES + 3

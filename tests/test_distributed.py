@@ -226,6 +226,15 @@ def test_unequal_batch_sizes_are_refused_on_every_rank(tmp_path: Path) -> None:
             "SampleReweighter under DDP needs the same batch size on every rank; got [8, 6].")
 
 
+def test_an_empty_batch_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """Refused through the first collective, as the range check: no rank hangs."""
+    ranks = launch("reweighter-outer-empty", tmp_path)
+    for record in ranks:
+        assert record["error"] == (
+            "The training batch is empty; a step needs at least one row (rank(s) [1]); nothing "
+            "was updated on any rank.")
+
+
 def test_an_index_out_of_range_on_one_rank_is_refused_on_every_rank(tmp_path: Path) -> None:
     """The range check rides on the first collective: the other rank raises too, no hang."""
     ranks = launch("reweighter-outer-badindex", tmp_path)

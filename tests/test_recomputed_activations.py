@@ -404,23 +404,21 @@ def test_reweighter_forward_mode_is_the_same_with_recomputed_activations(
         assert torch.equal(a, b)
 
 
-
 def four_stage_resnet() -> nn.Sequential:
     """torchvision's basic blocks in four stages (with the two-stage :func:`resnet` the
     compiled model's gradients came out right even without the fix tested below)."""
-    from torchvision.models.resnet import BasicBlock
+    resnet = pytest.importorskip("torchvision.models.resnet")
 
     torch.manual_seed(0)
     blocks, channels = [], 4
     for out, stride in ((4, 1), (8, 2), (8, 1), (16, 2)):
         down = (None if stride == 1 and channels == out else nn.Sequential(
             nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out)))
-        blocks.append(BasicBlock(channels, out, stride, down))
+        blocks.append(resnet.BasicBlock(channels, out, stride, down))
         channels = out
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
                          nn.ReLU(inplace=True), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, 3))
-
 
 
 def test_a_compiled_model_steps_as_the_eager_one() -> None:
@@ -428,6 +426,7 @@ def test_a_compiled_model_steps_as_the_eager_one() -> None:
     the trace, a compiled ResNet got zero final gradients for some parameters. Compiled with
     aot_eager (the same tracing, no code generation); donated buffers off, as torch's error
     asks for a compiled backward with ``retain_graph``, which the forward mode uses."""
+    import torch._dynamo.testing
     import torch._functorch.config
 
     g = torch.Generator().manual_seed(1)
@@ -435,9 +434,11 @@ def test_a_compiled_model_steps_as_the_eager_one() -> None:
     val = (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 3, (4,), generator=g),
            torch.arange(4) % 2)
 
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
     def step(compiled: bool) -> tuple[Tensor, list[Tensor]]:
         model = four_stage_resnet()
-        rw = SampleReweighter(torch.compile(model, backend="aot_eager") if compiled else model,
+        rw = SampleReweighter(torch.compile(model, backend=counter) if compiled else model,
                               torch.optim.SGD(model.parameters(), lr=0.0), 6, F.cross_entropy,
                               weight_grad_mode="forward", weight_optimizer="sgd", weight_lr=1.0,
                               lookahead_lr=0.1)
@@ -446,6 +447,7 @@ def test_a_compiled_model_steps_as_the_eager_one() -> None:
 
     with torch._functorch.config.patch(donated_buffer=False):
         (w_eager, g_eager), (w_compiled, g_compiled) = step(False), step(True)
+    assert counter.frame_count >= 1  # compiled, not run eagerly after a fallback
     assert w_eager.abs().max() > 1e-4  # the weights moved
     torch.testing.assert_close(w_compiled, w_eager, rtol=1e-5, atol=1e-9)
     for got, expected in zip(g_compiled, g_eager, strict=True):

@@ -582,19 +582,26 @@ def test_reweighter_reverse_mode_on_a_cnn_matches_the_forward_mode(
 def test_our_modes_stay_out_of_what_torch_compile_traces() -> None:
     """While torch.compile traces code called under one of our modes, the mode's intercept
     is not called (the compiled code may still pass through it when it runs)."""
-    from metafair_opt._second_order import InterceptingMode
+    import torch._dynamo.testing
 
+    from metafair_opt._forward_replay import _Recording, _Replaying
+    from metafair_opt._recomputed_activations import _Noting
+
+    for mode in (second_order._SecondOrderOps, _Recording, _Replaying, _Noting):
+        assert mode.__torch_function__ is second_order.InterceptingMode.__torch_function__
     while_compiling: list[bool] = []
 
-    class Seeing(InterceptingMode):
+    class Seeing(second_order.InterceptingMode):
         def intercept(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
             while_compiling.append(torch.compiler.is_compiling())
             return func(*args, **kwargs)
 
-    compiled = torch.compile(lambda x: torch.relu(x) + 1, backend="eager")
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda x: torch.relu(x) + 1, backend=counter)
     x = torch.randn(3)
     expected = torch.relu(x) + 1
     with Seeing():
         got = compiled(x)
     assert torch.equal(got, expected)
+    assert counter.frame_count == 1
     assert while_compiling and True not in while_compiling
