@@ -804,8 +804,8 @@ class SampleReweighter(MetaOptimizerBase):
         sizes = [c[0] for c in counts]
         empty = [rank for rank, size in enumerate(sizes) if size == 0]
         if empty:
-            raise ValueError(f"{_EMPTY_BATCH[:-1]} (rank(s) {empty}); nothing was updated on "
-                             "any rank.")
+            raise ValueError(f"{_EMPTY_BATCH} (rank(s) {empty}); nothing was updated on any "
+                             "rank.")
         if len(set(sizes)) > 1:
             raise ValueError(
                 f"SampleReweighter under DDP needs the same batch size on every rank; got "
@@ -834,7 +834,7 @@ class SampleReweighter(MetaOptimizerBase):
         :meth:`step` (in one process, on the sorted unique rows it takes anyway) and under DDP,
         with an empty batch, by :meth:`_check_shards`, so that every rank raises."""
         if rows == 0 and not self._coll.distributed:
-            raise ValueError(_EMPTY_BATCH)
+            raise ValueError(f"{_EMPTY_BATCH}.")
         idx = torch.as_tensor(idx)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer dataset indices; got dtype {idx.dtype}.")
@@ -952,7 +952,7 @@ class _Outcome:
 
 _WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
 _WEIGHT_GRADIENT = "meta-gradient of the batch's weights"  # its name among a step's values
-_EMPTY_BATCH = "The training batch is empty; a step needs at least one row."
+_EMPTY_BATCH = "The training batch is empty; a step needs at least one row"
 
 
 def _packed(like: Tensor, *columns: Tensor) -> Tensor:

@@ -423,9 +423,10 @@ def four_stage_resnet() -> nn.Sequential:
 
 def test_a_compiled_model_steps_as_the_eager_one() -> None:
     """torch.compile traces the model without our modes (``InterceptingMode``): with them in
-    the trace, a compiled ResNet got zero final gradients for some parameters. Compiled with
-    aot_eager (the same tracing, no code generation); donated buffers off, as torch's error
-    asks for a compiled backward with ``retain_graph``, which the forward mode uses."""
+    the trace, this model's final gradients were wrong (on ResNet-18 zero for some
+    parameters). Compiled with aot_eager (the same tracing, no code generation); donated
+    buffers off, as torch's error asks for a compiled backward with ``retain_graph``, which the
+    forward mode uses."""
     import torch._dynamo.testing
     import torch._functorch.config
 
