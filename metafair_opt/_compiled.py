@@ -15,7 +15,13 @@ from torch import Tensor
 
 from metafair_opt._random import RngSnapshot, replaying, restore_rng
 
-__all__ = ["COMPILE_FAILURES", "check_against_eager", "compile_failure", "compile_method"]
+__all__ = [
+    "COMPILE_FAILURES",
+    "check_against_eager",
+    "compile_failure",
+    "compile_method",
+    "compiled_model_failure",
+]
 
 #: What a ``fullgraph=True`` call raises when torch.compile cannot handle the step.
 COMPILE_FAILURES: tuple[type[BaseException], ...] = (
@@ -65,6 +71,34 @@ def compile_failure(error: BaseException, owner: str) -> ValueError:
         f"torch.compile could not compile this step ({type(error).__name__}: {reason}). "
         f"Nothing was updated. Build the {owner} with compiled=False (the same step in eager "
         "autograd)."
+    )
+
+
+#: What torch raises when the backward of a model compiled by the user with an aot_autograd
+#: backend (the default, inductor, is one) is differentiated once more: this, or first, where
+#: the compiled backward donates buffers, an error that suggests turning that off (after which
+#: the first comes).
+_DOUBLE_BACKWARD = "does not currently support double backward"
+_DONATED_BUFFERS = "compiled with non-empty donated buffers"
+
+
+def compiled_model_failure(error: RuntimeError, owner: str, remedy: str) -> RuntimeError | None:
+    """The error to raise instead of torch's ``error`` when a step that differentiates the
+    model's backward (a second-order one) met a model the user had compiled with
+    ``torch.compile``, whose backward torch cannot differentiate; None for any other error.
+
+    ``remedy`` says which settings of ``owner`` need no such double backward. Refusing compiled
+    models up front would refuse the ones that work: the backend ``"eager"`` differentiates
+    twice, and first-order steps never do.
+    """
+    message = str(error)
+    if _DOUBLE_BACKWARD not in message and _DONATED_BUFFERS not in message:
+        return None
+    return RuntimeError(
+        f"This {owner} step differentiates the model's backward, and the model (or a module "
+        "inside it) was compiled with torch.compile, whose compiled backward cannot be "
+        "differentiated again (aot_autograd does not support double backward; turning off its "
+        f"donated buffers does not change that). Nothing was updated. {remedy}"
     )
 
 

@@ -26,6 +26,7 @@ from metafair_opt._compiled import (
     check_against_eager,
     compile_failure,
     compile_method,
+    compiled_model_failure,
 )
 from metafair_opt._functional import (
     Batch,
@@ -42,6 +43,11 @@ from metafair_opt.splits import SplitStrategy, as_row_vector
 __all__ = ["AlignmentResult", "GradientAlignmentWrapper"]
 
 OnEmpty = Literal["fallback", "skip", "error"]
+
+_COMPILED_MODEL_REMEDY = (
+    "Pass the uncompiled model (a compiled module keeps it as ._orig_mod) with compiled=True, "
+    "which compiles the whole meta-step, or set first_order=True."
+)
 
 
 @dataclass(frozen=True)
@@ -276,7 +282,14 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                          else self._recomputed_meta_gradient
                          if self.recompute_support and self.inner_steps
                          else self._meta_gradient)
-        grads, buffers, watched, alignment = meta_gradient(x_s, y_s, x_q, y_q, shares)
+        try:
+            grads, buffers, watched, alignment = meta_gradient(x_s, y_s, x_q, y_q, shares)
+        except RuntimeError as error:
+            explained = None if self.first_order else compiled_model_failure(
+                error, type(self).__name__, _COMPILED_MODEL_REMEDY)
+            if explained is None:
+                raise
+            raise explained from error
         applied = self._commit(grads, buffers, watched, sentinel=watched[-1][1])
         losses = torch.stack([loss.detach() for _, loss in watched]).tolist()
         return AlignmentResult(

@@ -41,6 +41,7 @@ from metafair_opt._compiled import (
     check_against_eager,
     compile_failure,
     compile_method,
+    compiled_model_failure,
 )
 from metafair_opt._forward_replay import PrimalRecord, recording_primals, replaying_primals
 from metafair_opt._functional import (
@@ -433,11 +434,20 @@ class SampleReweighter(MetaOptimizerBase):
         block = self._rows[rows]  # the batch's (weight, moving average, count), read once
         adam_state = (self._adam[rows] if meta_step and self._adam is not None
                       and self.weight_optimizer == "adam" else None)
-        if validation is not None and self.compiled:
-            out = self._compiled_outcome(x, y, block, inverse, adam_state, validation)
-        else:
-            out = self._eager_outcome(x, y, block, inverse, all_inverse, adam_state, validation,
-                                      n_global)
+        try:
+            if validation is not None and self.compiled:
+                out = self._compiled_outcome(x, y, block, inverse, adam_state, validation)
+            else:
+                out = self._eager_outcome(x, y, block, inverse, all_inverse, adam_state,
+                                          validation, n_global)
+        except RuntimeError as error:
+            # The forward mode differentiates no backward: torch's advice on donated buffers
+            # (the graph it keeps for the final gradient) is the right one there.
+            explained = None if validation is None or self._forward_mode else \
+                compiled_model_failure(error, type(self).__name__, _COMPILED_MODEL_REMEDY)
+            if explained is None:
+                raise
+            raise explained from error
 
         # Everything was computed without side effects, the tables' new values on the table's
         # device included; the optimizer step comes first because it is the one part that can
@@ -953,6 +963,12 @@ class _Outcome:
 _WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
 _WEIGHT_GRADIENT = "meta-gradient of the batch's weights"  # its name among a step's values
 _EMPTY_BATCH = "The training batch is empty; a step needs at least one row"
+_COMPILED_MODEL_REMEDY = (
+    "Pass the uncompiled model (a compiled module keeps it as ._orig_mod) with compiled=True, "
+    "which compiles the whole weight-updating step, or keep the compiled model with "
+    "weight_grad_mode='forward' (should torch then refuse its donated buffers, set "
+    "torch._functorch.config.donated_buffer = False, as its message says)."
+)
 
 
 def _packed(like: Tensor, *columns: Tensor) -> Tensor:

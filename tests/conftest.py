@@ -13,3 +13,16 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def fresh_torch_compile():
+    """torch.compile's caches cleared before and after one test that compiles a model itself.
+
+    They are kept per code object, so they outlive the model: once a compiled model has been
+    fed forward-mode dual tensors, torch.compile runs the frames it broke on eagerly from then
+    on, for every later model of the same classes, and a later test would compile nothing.
+    """
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

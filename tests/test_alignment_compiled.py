@@ -10,11 +10,14 @@ compile failures check that the error came out of one.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchopt
 from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from metafair_opt import GradientAlignmentWrapper
@@ -324,3 +327,52 @@ def test_recompile_limit_names_the_limit_and_the_fix() -> None:
                                              r"GradientAlignmentWrapper with compiled=False"):
             aligner.step(support=(xs, ys), query=(xq, yq))
     assert_same_state(before, snapshot(model, opt))
+
+
+
+@pytest.mark.usefixtures("fresh_torch_compile")
+@pytest.mark.parametrize("donated_buffer", [True, False])
+def test_a_model_compiled_by_the_user_steps_first_order_and_is_told_what_to_do_for_second(
+    donated_buffer: bool,
+) -> None:
+    """A model compiled with an aot_autograd backend (inductor, the default, is one; aot_eager
+    here, which compiles in seconds) has a backward torch cannot differentiate again. The
+    first-order step runs and equals the uncompiled model's; a second-order step raises with
+    the settings that work and changes nothing, whichever of torch's two errors it met (with
+    donated buffers, torch's own suggests turning them off; then the double-backward one
+    comes); the backend "eager", which does differentiate twice, is not refused."""
+    batches = tiny_batches(seed=61)
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch._functorch.config.patch(donated_buffer=donated_buffer):
+        got = wrapper_meta_gradient(torch.compile(tiny_model(seed=62), backend=counter),
+                                    batches, inner_lr=0.3, first_order=True)
+        assert counter.frame_count > 0
+        expected = wrapper_meta_gradient(tiny_model(seed=62), batches, inner_lr=0.3,
+                                         first_order=True)
+        assert rel_error(got, expected) < 1e-12
+
+        model = torch.compile(tiny_model(seed=62), backend="aot_eager")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        xs, ys, xq, yq = batches
+        GradientAlignmentWrapper(model, opt, loss_fn=bce, first_order=True).step((xs, ys),
+                                                                                 (xq, yq))
+        before = snapshot(model, opt)  # with the first step's momentum buffers and gradients
+        aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.3)
+        with pytest.raises(RuntimeError, match=re.escape(
+                "This GradientAlignmentWrapper step differentiates the model's backward, and "
+                "the model (or a module inside it) was compiled with torch.compile, whose "
+                "compiled backward cannot be differentiated again (aot_autograd does not "
+                "support double backward; turning off its donated buffers does not change "
+                "that). Nothing was updated. Pass the uncompiled model (a compiled module keeps "
+                "it as ._orig_mod) with compiled=True, which compiles the whole meta-step, or "
+                "set first_order=True.")) as raised:
+            aligner.step((xs, ys), (xq, yq))
+        assert_same_state(before, snapshot(model, opt))
+        torch_says = ("compiled with non-empty donated buffers" if donated_buffer
+                      else "does not currently support double backward")
+        assert torch_says in str(raised.value.__cause__)
+
+    eager_backend = wrapper_meta_gradient(torch.compile(tiny_model(seed=62), backend="eager"),
+                                          batches, inner_lr=0.3)
+    expected = wrapper_meta_gradient(tiny_model(seed=62), batches, inner_lr=0.3)
+    assert rel_error(eager_backend, expected) < 1e-12

@@ -421,6 +421,7 @@ def four_stage_resnet() -> nn.Sequential:
                          nn.Linear(16, 3))
 
 
+@pytest.mark.usefixtures("fresh_torch_compile")
 def test_a_compiled_model_steps_as_the_eager_one() -> None:
     """torch.compile traces the model without our modes (``InterceptingMode``): with them in
     the trace, this model's final gradients were wrong (on ResNet-18 zero for some

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from metafair_opt import SampleReweighter, max_loss_discrepancy
@@ -201,3 +202,75 @@ def test_compiled_is_refused_with_a_grad_scaler_or_the_forward_mode() -> None:
             "weight_grad_mode='auto' or 'reverse' with it")):
         SampleReweighter(model, opt, num_samples=4, loss_fn=F.cross_entropy, compiled=True,
                          weight_grad_mode="forward")
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(71)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+@pytest.mark.usefixtures("fresh_torch_compile")
+@pytest.mark.parametrize("donated_buffer", [True, False])
+def test_a_model_compiled_by_the_user_is_told_what_to_do_in_reverse_mode(
+    donated_buffer: bool,
+) -> None:
+    """A model compiled with an aot_autograd backend (inductor, the default, is one; aot_eager
+    here) has a backward torch cannot differentiate again, as the reverse mode does: the step
+    raises with the settings that work and changes nothing, whichever of torch's two errors it
+    met. The forward mode, which the message offers, then steps as on the uncompiled model.
+    (Reverse mode comes first: once a forward-mode step has fed the compiled model dual
+    tensors, torch.compile runs it eagerly from then on, and the reverse mode no longer fails.)
+    """
+    x, y, xv, yv, gv = data(seed=70)
+    idx, val = torch.arange(8), (xv, yv, gv)
+
+    def trained_once(model: nn.Module) -> torch.optim.Optimizer:
+        """A plain step first, so that there are momentum buffers and gradients to keep."""
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return opt
+
+    def reweighter(model: nn.Module, opt: torch.optim.Optimizer, mode: str) -> SampleReweighter:
+        return SampleReweighter(model, opt, num_samples=8, loss_fn=F.cross_entropy,
+                                weight_lr=0.5, weight_grad_mode=mode)
+
+    with torch._functorch.config.patch(donated_buffer=donated_buffer):
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(small_net(), backend=counter)
+        opt = trained_once(compiled)
+        assert counter.frame_count > 0
+        reverse = reweighter(compiled, opt, "reverse")
+        before = snapshot(compiled, opt, reverse)
+        with pytest.raises(RuntimeError, match=re.escape(
+                "This SampleReweighter step differentiates the model's backward, and the model "
+                "(or a module inside it) was compiled with torch.compile, whose compiled "
+                "backward cannot be differentiated again (aot_autograd does not support double "
+                "backward; turning off its donated buffers does not change that). Nothing was "
+                "updated. Pass the uncompiled model (a compiled module keeps it as ._orig_mod) "
+                "with compiled=True, which compiles the whole weight-updating step, or keep the "
+                "compiled model with weight_grad_mode='forward' (should torch then refuse its "
+                "donated buffers, set torch._functorch.config.donated_buffer = False, as its "
+                "message says).")) as raised:
+            reverse.step(x, y, idx, val)
+        assert_same_state(before, snapshot(compiled, opt, reverse))
+        torch_says = ("compiled with non-empty donated buffers" if donated_buffer
+                      else "does not currently support double backward")
+        assert torch_says in str(raised.value.__cause__)
+
+        forward = reweighter(compiled, opt, "forward")
+        before = snapshot(compiled, opt, forward)
+        if donated_buffer:  # torch's own error, whose advice is the one to follow here
+            with pytest.raises(RuntimeError, match=re.escape(
+                    "or set torch._functorch.config.donated_buffer=False to disable donated "
+                    "buffer.")):
+                forward.step(x, y, idx, val)
+            assert_same_state(before, snapshot(compiled, opt, forward))
+    with torch._functorch.config.patch(donated_buffer=False):
+        forward.step(x, y, idx, val)
+        eager_model = small_net()
+        eager = reweighter(eager_model, trained_once(eager_model), "forward")
+        eager.step(x, y, idx, val)
+        assert torch.allclose(forward.weights, eager.weights, rtol=0, atol=1e-12)
+        for ours, reference in zip(compiled.parameters(), eager_model.parameters()):
+            assert torch.allclose(ours, reference, rtol=0, atol=1e-12)
