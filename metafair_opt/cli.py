@@ -344,9 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = "metafair-opt " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    if getattr(args, "threads", None):
-        import torch
+    import torch
 
+    # Called as a function (tests, notebooks), the command must not leave its thread count
+    # behind in the caller's process.
+    threads_before = torch.get_num_threads()
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         if args.command == "run":
@@ -367,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _leave_process_group()
+        torch.set_num_threads(threads_before)
     return 0
 
 

@@ -147,9 +147,16 @@ def test_metrics_module_matches_fairlearn_metricframe() -> None:
 
 def test_command_run_writes_tables(tmp_path, capsys) -> None:
     out = tmp_path / "compas"
-    status = main(["run", "--dataset", "compas", "--methods", "baseline,faalgrad,forml,majority",
-                   "--config", "1", "--epochs", "1", "--seeds", "1", "--quiet",
-                   "--out", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        status = main(["run", "--dataset", "compas", "--methods",
+                       "baseline,faalgrad,forml,majority", "--config", "1", "--epochs", "1",
+                       "--seeds", "1", "--quiet", "--out", str(out)])
+        # The command sets its own count (one by default) and leaves the caller's as it was.
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert status == 0
     printed = capsys.readouterr().out
     assert "faalgrad c1 I=1" in printed and "forml adam" in printed
