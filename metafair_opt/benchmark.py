@@ -16,11 +16,12 @@ forward and backward run again for a Hessian-vector product instead of kept thro
 pass) and ``reweighter_recompute`` (``recompute_forward=True``: the training forward run again
 instead of kept through the validation pass).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
-Memory, measured in a fresh process per variant after one warm-up step: the step's peak of live
-tensor bytes above those live before it (``peak_live_mb``: the CUDA allocator's statistics, or on
-the CPU the allocator's records from ``torch.profiler``), and on the CPU also the step's peak
-resident memory above the RSS before it (``peak_rss_mb``; the warm-up's freed memory is first
-handed back to the system with glibc's ``malloc_trim``).
+Memory, measured in a fresh process per variant (two at a time: each measures only itself)
+after one warm-up step: the step's peak of live tensor bytes above those live before it
+(``peak_live_mb``: the CUDA allocator's statistics, or on the CPU the allocator's records from
+``torch.profiler``), and on the CPU also the step's peak resident memory above the RSS before it
+(``peak_rss_mb``; the warm-up's freed memory is first handed back to the system with glibc's
+``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -58,6 +61,9 @@ __all__ = [
 ]
 
 WORKLOADS = ("mlp", "resnet18")
+#: Fresh processes measuring memory at once: each measures only itself (its own RSS, its own
+#: allocator), so they need not wait for one another.
+MEMORY_PROCESSES = 2
 VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
@@ -521,16 +527,18 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
             progress(f"{name}: timing {len(steps)} variants x {repeats} interleaved repeats")
         medians = time_interleaved(steps, repeats, device=device,
                                    per_call={"reweighter_every_5": 5})
-        for variant in VARIANTS:
-            memory = step_peak_memory_mb(name, variant, torch.get_num_threads(), device)
-            records.append({
-                "workload": name,
-                "variant": variant,
-                "median_ms": round(medians[variant], 4),
-                "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
-                "peak_live_mb": significant(memory["peak_live_mb"]),
-                "peak_rss_mb": significant(memory["peak_rss_mb"]),
-            })
+        with ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
+            memories = pool.map(step_peak_memory_mb, repeat(name), VARIANTS,
+                                repeat(torch.get_num_threads()), repeat(device))
+            for variant, memory in zip(VARIANTS, memories, strict=True):
+                records.append({
+                    "workload": name,
+                    "variant": variant,
+                    "median_ms": round(medians[variant], 4),
+                    "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
+                    "peak_live_mb": significant(memory["peak_live_mb"]),
+                    "peak_rss_mb": significant(memory["peak_rss_mb"]),
+                })
         for key, diff in agreement.items():
             records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})
     return records
