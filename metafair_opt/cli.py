@@ -150,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer repeats")
     bench.add_argument("--format", default="table", choices=["table", "json", "csv"])
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--pairwise", action="store_true",
+                       help="also time each variant against the plain step alone (plain, "
+                            "variant, plain, ...): ratio_to_plain_pairwise, without the other "
+                            "variants' traces in the caches")
     bench.add_argument("--out", type=Path, default=None,
                        help="also write results.csv and results.md (with the command, machine, "
                             "date and the agreement checks) to this folder")
@@ -296,7 +300,8 @@ def _bench(args: argparse.Namespace, command: str) -> None:
             raise ValueError("--device cuda was asked for, but torch sees no CUDA device.")
     workloads = WORKLOADS if args.workload == "all" else (args.workload,)
     records = run_suite(workloads, args.device, quick=args.quick,
-                        progress=lambda text: print(text, file=sys.stderr))
+                        progress=lambda text: print(text, file=sys.stderr),
+                        pairwise=args.pairwise)
     timings = [r for r in records if "variant" in r]
     checks = [r for r in records if "check" in r]
     if args.format == "json":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from unittest.mock import patch
 
 from metafair_opt.benchmark import (
     VARIANTS,
@@ -12,6 +13,7 @@ from metafair_opt.benchmark import (
     make_workload,
     significant,
     time_interleaved,
+    time_pairwise,
 )
 from metafair_opt.cli import main
 
@@ -36,22 +38,25 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
 
 
 def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> None:
-    assert main(["bench", "--workload", "mlp", "--quick", "--format", "json",
+    assert main(["bench", "--workload", "mlp", "--quick", "--format", "json", "--pairwise",
                  "--out", str(tmp_path)]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in records] == list(VARIANTS)
     for record in records:
         assert set(record) == {"workload", "variant", "median_ms", "ratio_to_plain",
-                               "peak_live_mb", "peak_rss_mb"}
+                               "ratio_to_plain_pairwise", "peak_live_mb", "peak_rss_mb"}
         assert record["workload"] == "mlp" and record["median_ms"] > 0
         assert record["peak_live_mb"] > 0 and record["peak_rss_mb"] >= 0
-    assert records[0]["ratio_to_plain"] == 1
+        assert record["ratio_to_plain_pairwise"] > 0
+    assert records[0]["ratio_to_plain"] == records[0]["ratio_to_plain_pairwise"] == 1
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Command: `metafair-opt bench --workload mlp --quick")
+    assert "ratio_to_plain_pairwise" in markdown
     assert "CPU cores" in markdown and "torch " in markdown
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
-        "workload,variant,median_ms,ratio_to_plain,peak_live_mb,peak_rss_mb")
+        "workload,variant,median_ms,ratio_to_plain,ratio_to_plain_pairwise,peak_live_mb,"
+        "peak_rss_mb")
 
 
 def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> None:
@@ -65,6 +70,26 @@ def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> Non
     calls.clear()
     time_interleaved(steps, repeats=6, warmup=0)
     assert [calls[i:i + 5] for i in range(0, 30, 5)] == rounds  # seeded: reproducible
+
+
+def test_pairwise_timing_runs_each_variant_beside_the_reference_alone() -> None:
+    calls: list[str] = []
+    clock = [0.0]
+
+    def step(name: str, cost: float):
+        def run() -> None:
+            calls.append(name)
+            clock[0] += cost
+        return run
+
+    steps = {"plain": step("plain", 1.0), "a": step("a", 2.0), "b": step("b", 3.0)}
+    with patch("metafair_opt.benchmark.time.perf_counter", lambda: clock[0]):
+        ratios = time_pairwise(steps, repeats=4)
+    assert ratios == {"plain": 1.0, "a": 2.0, "b": 3.0}
+    # Three warm-up calls each, then rounds of the reference and one other variant only.
+    first, second = calls[:14], calls[14:]
+    assert sorted(first[6:]) == ["a"] * 4 + ["plain"] * 4
+    assert sorted(second[6:]) == ["b"] * 4 + ["plain"] * 4
 
 
 def test_memory_figures_keep_four_significant_figures() -> None:
