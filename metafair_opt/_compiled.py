@@ -20,7 +20,7 @@ __all__ = [
     "check_against_eager",
     "compile_failure",
     "compile_method",
-    "compiled_model_failure",
+    "raise_for_compiled_model",
 ]
 
 #: What a ``fullgraph=True`` call raises when torch.compile cannot handle the step.
@@ -82,24 +82,25 @@ _DOUBLE_BACKWARD = "does not currently support double backward"
 _DONATED_BUFFERS = "compiled with non-empty donated buffers"
 
 
-def compiled_model_failure(error: RuntimeError, owner: str, remedy: str) -> RuntimeError | None:
-    """The error to raise instead of torch's ``error`` when a step that differentiates the
-    model's backward (a second-order one) met a model the user had compiled with
-    ``torch.compile``, whose backward torch cannot differentiate; None for any other error.
+def raise_for_compiled_model(error: RuntimeError, owner: str, remedy: str) -> None:
+    """Raise, instead of torch's ``error``, one that says what happened and what works, when a
+    step that differentiates the model's backward (a second-order one) met a model, module or
+    loss function the user had compiled with ``torch.compile``, whose backward torch cannot
+    differentiate; return for any other error (the caller re-raises it).
 
     ``remedy`` says which settings of ``owner`` need no such double backward. Refusing compiled
     models up front would refuse the ones that work: the backend ``"eager"`` differentiates
     twice, and first-order steps never do.
     """
     message = str(error)
-    if _DOUBLE_BACKWARD not in message and _DONATED_BUFFERS not in message:
-        return None
-    return RuntimeError(
-        f"This {owner} step differentiates the model's backward, and the model (or a module "
-        "inside it) was compiled with torch.compile, whose compiled backward cannot be "
-        "differentiated again (aot_autograd does not support double backward; turning off its "
-        f"donated buffers does not change that). Nothing was updated. {remedy}"
-    )
+    if _DOUBLE_BACKWARD in message or _DONATED_BUFFERS in message:
+        raise RuntimeError(
+            f"This {owner} step differentiates the model's backward, and the model (or a module "
+            "inside it, or the loss function) was compiled with torch.compile, whose compiled "
+            "backward cannot be differentiated again (aot_autograd does not support double "
+            "backward; turning off its donated buffers does not change that). Nothing was "
+            f"updated. {remedy}"
+        ) from error
 
 
 #: Largest relative difference (L2, over all tensors together) between a compiled step's

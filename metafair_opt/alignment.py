@@ -26,7 +26,7 @@ from metafair_opt._compiled import (
     check_against_eager,
     compile_failure,
     compile_method,
-    compiled_model_failure,
+    raise_for_compiled_model,
 )
 from metafair_opt._functional import (
     Batch,
@@ -45,8 +45,9 @@ __all__ = ["AlignmentResult", "GradientAlignmentWrapper"]
 OnEmpty = Literal["fallback", "skip", "error"]
 
 _COMPILED_MODEL_REMEDY = (
-    "Pass the uncompiled model (a compiled module keeps it as ._orig_mod) with compiled=True, "
-    "which compiles the whole meta-step, or set first_order=True."
+    "Pass the model uncompiled (a torch.compile'd module keeps it as ._orig_mod; one compiled "
+    "in place with .compile() has to be built again without it) with compiled=True and "
+    "recompute_support=False, which compiles the whole meta-step, or set first_order=True."
 )
 
 
@@ -285,11 +286,9 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         try:
             grads, buffers, watched, alignment = meta_gradient(x_s, y_s, x_q, y_q, shares)
         except RuntimeError as error:
-            explained = None if self.first_order else compiled_model_failure(
-                error, type(self).__name__, _COMPILED_MODEL_REMEDY)
-            if explained is None:
-                raise
-            raise explained from error
+            if not self.first_order:
+                raise_for_compiled_model(error, type(self).__name__, _COMPILED_MODEL_REMEDY)
+            raise
         applied = self._commit(grads, buffers, watched, sentinel=watched[-1][1])
         losses = torch.stack([loss.detach() for _, loss in watched]).tolist()
         return AlignmentResult(

@@ -151,8 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--format", default="table", choices=["table", "json", "csv"])
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bench.add_argument("--pairwise", action="store_true",
-                       help="also time each variant against the plain step alone (plain, "
-                            "variant, plain, ...): ratio_to_plain_pairwise, without the other "
+                       help="also time each variant against the plain step alone (the two "
+                            "in shuffled rounds): ratio_to_plain_pairwise, without the other "
                             "variants' traces in the caches")
     bench.add_argument("--out", type=Path, default=None,
                        help="also write results.csv and results.md (with the command, machine, "
@@ -374,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"metafair-opt: error: {message}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group()
         torch.set_num_threads(threads_before)
+        _leave_process_group()
     return 0
 
 

@@ -41,7 +41,7 @@ from metafair_opt._compiled import (
     check_against_eager,
     compile_failure,
     compile_method,
-    compiled_model_failure,
+    raise_for_compiled_model,
 )
 from metafair_opt._forward_replay import PrimalRecord, recording_primals, replaying_primals
 from metafair_opt._functional import (
@@ -443,11 +443,9 @@ class SampleReweighter(MetaOptimizerBase):
         except RuntimeError as error:
             # The forward mode differentiates no backward: torch's advice on donated buffers
             # (the graph it keeps for the final gradient) is the right one there.
-            explained = None if validation is None or self._forward_mode else \
-                compiled_model_failure(error, type(self).__name__, _COMPILED_MODEL_REMEDY)
-            if explained is None:
-                raise
-            raise explained from error
+            if validation is not None and not self._forward_mode:
+                raise_for_compiled_model(error, type(self).__name__, _COMPILED_MODEL_REMEDY)
+            raise
 
         # Everything was computed without side effects, the tables' new values on the table's
         # device included; the optimizer step comes first because it is the one part that can
@@ -964,9 +962,11 @@ _WEIGHT, _EMA, _SEEN = 0, 1, 2  # the columns of SampleReweighter's row table
 _WEIGHT_GRADIENT = "meta-gradient of the batch's weights"  # its name among a step's values
 _EMPTY_BATCH = "The training batch is empty; a step needs at least one row"
 _COMPILED_MODEL_REMEDY = (
-    "Pass the uncompiled model (a compiled module keeps it as ._orig_mod) with compiled=True, "
-    "which compiles the whole weight-updating step, or keep the compiled model with "
-    "weight_grad_mode='forward' (should torch then refuse its donated buffers, set "
+    "Pass the model uncompiled (a torch.compile'd module keeps it as ._orig_mod; one compiled "
+    "in place with .compile() has to be built again without it) with compiled=True, which "
+    "compiles the whole weight-updating step, or use weight_grad_mode='forward', which "
+    "differentiates no backward (torch.compile runs a compiled model eagerly once the forward "
+    "mode has fed it dual tensors; should torch refuse its donated buffers, set "
     "torch._functorch.config.donated_buffer = False, as its message says)."
 )
 

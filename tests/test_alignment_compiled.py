@@ -329,7 +329,6 @@ def test_recompile_limit_names_the_limit_and_the_fix() -> None:
     assert_same_state(before, snapshot(model, opt))
 
 
-
 @pytest.mark.usefixtures("fresh_torch_compile")
 @pytest.mark.parametrize("donated_buffer", [True, False])
 def test_a_model_compiled_by_the_user_steps_first_order_and_is_told_what_to_do_for_second(
@@ -357,20 +356,24 @@ def test_a_model_compiled_by_the_user_steps_first_order_and_is_told_what_to_do_f
         GradientAlignmentWrapper(model, opt, loss_fn=bce, first_order=True).step((xs, ys),
                                                                                  (xq, yq))
         before = snapshot(model, opt)  # with the first step's momentum buffers and gradients
-        aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.3)
-        with pytest.raises(RuntimeError, match=re.escape(
-                "This GradientAlignmentWrapper step differentiates the model's backward, and "
-                "the model (or a module inside it) was compiled with torch.compile, whose "
-                "compiled backward cannot be differentiated again (aot_autograd does not "
-                "support double backward; turning off its donated buffers does not change "
-                "that). Nothing was updated. Pass the uncompiled model (a compiled module keeps "
-                "it as ._orig_mod) with compiled=True, which compiles the whole meta-step, or "
-                "set first_order=True.")) as raised:
-            aligner.step((xs, ys), (xq, yq))
-        assert_same_state(before, snapshot(model, opt))
-        torch_says = ("compiled with non-empty donated buffers" if donated_buffer
-                      else "does not currently support double backward")
-        assert torch_says in str(raised.value.__cause__)
+        message = re.escape(
+            "This GradientAlignmentWrapper step differentiates the model's backward, and the "
+            "model (or a module inside it, or the loss function) was compiled with "
+            "torch.compile, whose compiled backward cannot be differentiated again (aot_autograd "
+            "does not support double backward; turning off its donated buffers does not change "
+            "that). Nothing was updated. Pass the model uncompiled (a torch.compile'd module "
+            "keeps it as ._orig_mod; one compiled in place with .compile() has to be built again "
+            "without it) with compiled=True and recompute_support=False, which compiles the "
+            "whole meta-step, or set first_order=True.")
+        for recompute_support in (False, True):
+            aligner = GradientAlignmentWrapper(model, opt, loss_fn=bce, inner_lr=0.3,
+                                               recompute_support=recompute_support)
+            with pytest.raises(RuntimeError, match=message) as raised:
+                aligner.step((xs, ys), (xq, yq))
+            assert_same_state(before, snapshot(model, opt))
+            torch_says = ("compiled with non-empty donated buffers" if donated_buffer
+                          else "does not currently support double backward")
+            assert torch_says in str(raised.value.__cause__)
 
     eager_backend = wrapper_meta_gradient(torch.compile(tiny_model(seed=62), backend="eager"),
                                           batches, inner_lr=0.3)

@@ -7,6 +7,8 @@ import json
 import math
 from unittest.mock import patch
 
+import torch
+
 from metafair_opt.benchmark import (
     VARIANTS,
     check_agreement,
@@ -90,6 +92,22 @@ def test_pairwise_timing_runs_each_variant_beside_the_reference_alone() -> None:
     first, second = calls[:14], calls[14:]
     assert sorted(first[6:]) == ["a"] * 4 + ["plain"] * 4
     assert sorted(second[6:]) == ["b"] * 4 + ["plain"] * 4
+
+
+def test_the_suite_adds_the_pairwise_ratio_only_when_asked(monkeypatch) -> None:
+    import metafair_opt.benchmark as bench
+
+    def step() -> None:
+        torch.ones(64).sum()
+
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device: {})
+    monkeypatch.setattr(bench, "make_step", lambda variant, w, device: (step, None))
+    monkeypatch.setattr(bench, "step_peak_memory_mb",
+                        lambda *args: {"peak_rss_mb": 1.0, "peak_live_mb": 2.0})
+    for pairwise in (False, True):
+        records = bench.run_suite(["mlp"], quick=True, pairwise=pairwise)
+        assert [r["variant"] for r in records] == list(VARIANTS)
+        assert all(("ratio_to_plain_pairwise" in r) == pairwise for r in records)
 
 
 def test_memory_figures_keep_four_significant_figures() -> None:

@@ -244,14 +244,16 @@ def test_a_model_compiled_by_the_user_is_told_what_to_do_in_reverse_mode(
         before = snapshot(compiled, opt, reverse)
         with pytest.raises(RuntimeError, match=re.escape(
                 "This SampleReweighter step differentiates the model's backward, and the model "
-                "(or a module inside it) was compiled with torch.compile, whose compiled "
-                "backward cannot be differentiated again (aot_autograd does not support double "
-                "backward; turning off its donated buffers does not change that). Nothing was "
-                "updated. Pass the uncompiled model (a compiled module keeps it as ._orig_mod) "
-                "with compiled=True, which compiles the whole weight-updating step, or keep the "
-                "compiled model with weight_grad_mode='forward' (should torch then refuse its "
-                "donated buffers, set torch._functorch.config.donated_buffer = False, as its "
-                "message says).")) as raised:
+                "(or a module inside it, or the loss function) was compiled with torch.compile, "
+                "whose compiled backward cannot be differentiated again (aot_autograd does not "
+                "support double backward; turning off its donated buffers does not change "
+                "that). Nothing was updated. Pass the model uncompiled (a torch.compile'd "
+                "module keeps it as ._orig_mod; one compiled in place with .compile() has to be "
+                "built again without it) with compiled=True, which compiles the whole "
+                "weight-updating step, or use weight_grad_mode='forward', which differentiates "
+                "no backward (torch.compile runs a compiled model eagerly once the forward mode "
+                "has fed it dual tensors; should torch refuse its donated buffers, set "
+                "torch._functorch.config.donated_buffer = False, as its message says).")) as raised:
             reverse.step(x, y, idx, val)
         assert_same_state(before, snapshot(compiled, opt, reverse))
         torch_says = ("compiled with non-empty donated buffers" if donated_buffer
