@@ -1,10 +1,11 @@
 """Per-step overhead benchmarks: ``pytest benchmarks/ --benchmark-only``.
 
 Kept out of the default test run (``testpaths = ["tests"]``). Every ratio is measured against a
-plain step timed in the same process, interleaved (each round in a freshly shuffled order), so
-machine load cancels out. The
-targets are the ones of the benchmarks issue; a missed target fails its benchmark with the measured
-figure in the message.
+plain step timed in the same process, the two interleaved (each round in a freshly shuffled
+order), so machine load cancels out; as ``metafair-opt bench --pairwise`` does, which on W1 gives
+the compiled steps 19-30 % lower ratios than interleaving every variant (the README's table has
+both). The targets are the ones of the benchmarks issue; a missed target fails its benchmark with
+the measured figure in the message.
 """
 
 from __future__ import annotations
