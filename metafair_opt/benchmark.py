@@ -394,10 +394,11 @@ def time_pairwise(steps: dict[str, Callable[[], None]], repeats: int, reference:
     """Each callable's median time as a ratio to ``reference``'s, timed in pairs: for every
     other callable, :func:`time_interleaved` of the two alone (``reference``'s own ratio is 1).
 
-    Interleaved with every variant, a fast step runs after slower, heavier ones that leave the
-    caches cold for it; beside the plain step alone it runs as it would in a training loop of
-    its own. On W1 that made the compiled steps 19-30 % cheaper relative to the plain step and
-    moved the eager ones by less (at most 12 %, mostly a few percent, either way).
+    Interleaved with every variant, a fast step runs after slower, heavier ones (which, we
+    think, leave the caches cold for it); beside the plain step alone it runs closer to how it
+    would in a training loop of its own. On W1 that made the compiled steps 19-30 % cheaper
+    relative to the plain step and moved the eager ones by less (at most 12 %, mostly a few
+    percent, either way).
     """
     ratios = {reference: 1.0}
     for name, step in steps.items():
