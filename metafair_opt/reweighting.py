@@ -397,6 +397,7 @@ class SampleReweighter(MetaOptimizerBase):
         n = check_same_batch_size(x, y)
         idx = self._checked_indices(idx, n)
         coll = self._coll
+        unique_rows: tuple[Tensor, Tensor] | None = None  # the sorted table rows, and inverse
         if not coll.distributed:  # under DDP _check_shards does it, on every rank alike
             unique_rows = torch.unique(idx, return_inverse=True)
             low, high = unique_rows[0][[0, -1]].tolist()  # sorted: the ends are the extremes
@@ -418,6 +419,7 @@ class SampleReweighter(MetaOptimizerBase):
             unique_rows = torch.unique(idx_all, return_inverse=True)
         else:
             idx_all = idx
+        assert unique_rows is not None
         # rows: the table rows of the whole batch (every rank's under DDP); inverse: this
         # rank's samples' positions among them.
         rows, found = unique_rows

@@ -181,7 +181,13 @@ def test_command_sweep_writes_a_plot(tmp_path) -> None:
 
 
 def test_command_bad_arguments_exit_2_with_one_line(tmp_path, capsys) -> None:
-    assert main(["run", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["run", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
+        assert torch.get_num_threads() == 2  # put back on the error path too
+    finally:
+        torch.set_num_threads(threads)
     assert capsys.readouterr().err.strip().startswith("metafair-opt: error: Unknown data set")
     assert main(["run", "--methods", "magic", "--out", str(tmp_path)]) == 2
     assert "Unknown method(s) ['magic']" in capsys.readouterr().err
