@@ -431,6 +431,7 @@ class SampleReweighter(MetaOptimizerBase):
             # the autograd graph.
             rows, all_inverse = idx_all, None
             inverse = None if coll.world_size == 1 else slice(coll.rank * n, (coll.rank + 1) * n)
+            del unique_rows, found  # the unused inverse: one index per sample, live all step
         else:
             inverse = found[coll.rank * n:(coll.rank + 1) * n].to(self._fmodel.params[0].device)
         block = self._rows[rows]  # the batch's (weight, moving average, count), read once

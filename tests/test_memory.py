@@ -134,3 +134,31 @@ def test_reweighter_frees_the_lookahead_gradient_before_the_validation_forward(
             val=(torch.randn(10, 5), torch.randint(0, 3, (10,)), torch.arange(10) % 2))
     assert len(made) == 4 and alive == [0]
     assert not torch.equal(rw.weights, before)  # a weight-updating step ran
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_reweighter_keeps_the_row_inverse_only_for_repeated_rows(monkeypatch,
+                                                                 repeats: bool) -> None:
+    """Without repeated rows the step addresses the table in batch order: the sorted rows and
+    the inverse that its range check computes are gone by the validation forward (they were
+    kept all step, two indices per sample); with repeats the inverse is still needed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=20,
+                          loss_fn=F.cross_entropy, weight_grad_mode="reverse")
+    made: list[weakref.ref] = []
+    unique = torch.unique
+
+    def recording(*args, **kwargs):
+        result = unique(*args, **kwargs)
+        if kwargs.get("return_inverse") and args[0].dtype == torch.int64 and args[0].numel() == 8:
+            made.extend(weakref.ref(t) for t in result)  # the step's range check
+        return result
+
+    monkeypatch.setattr(torch, "unique", recording)
+    alive = _alive_at_forward(model, 2, made)  # the validation forward
+    idx = torch.tensor([3, 1, 3, 7, 0, 9, 1, 4]) if repeats else torch.arange(8)
+    rw.step(torch.randn(8, 5), torch.randint(0, 3, (8,)), idx,
+            val=(torch.randn(10, 5), torch.randint(0, 3, (10,)), torch.arange(10) % 2))
+    assert len(made) == 2
+    assert alive == ([2] if repeats else [0])
