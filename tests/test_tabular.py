@@ -145,18 +145,22 @@ def test_metrics_module_matches_fairlearn_metricframe() -> None:
     assert report["dp_diff"] == demographic_parity_difference(t, p, sensitive_features=g)
 
 
-def test_command_run_writes_tables(tmp_path, capsys) -> None:
-    out = tmp_path / "compas"
+@pytest.fixture
+def two_threads():
+    """The process on two torch threads during the test, the caller's count after it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        status = main(["run", "--dataset", "compas", "--methods",
-                       "baseline,faalgrad,forml,majority", "--config", "1", "--epochs", "1",
-                       "--seeds", "1", "--quiet", "--out", str(out)])
-        # The command sets its own count (one by default) and leaves the caller's as it was.
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_command_run_writes_tables(tmp_path, capsys, two_threads) -> None:
+    out = tmp_path / "compas"
+    status = main(["run", "--dataset", "compas", "--methods",
+                   "baseline,faalgrad,forml,majority", "--config", "1", "--epochs", "1",
+                   "--seeds", "1", "--quiet", "--out", str(out)])
+    # The command sets its own count (one by default) and leaves the caller's as it was.
+    assert torch.get_num_threads() == 2
     assert status == 0
     printed = capsys.readouterr().out
     assert "faalgrad c1 I=1" in printed and "forml adam" in printed
@@ -180,14 +184,9 @@ def test_command_sweep_writes_a_plot(tmp_path) -> None:
     assert curve["protected_threshold"].tolist() == pytest.approx([k / 10 for k in range(1, 11)])
 
 
-def test_command_bad_arguments_exit_2_with_one_line(tmp_path, capsys) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert main(["run", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
-        assert torch.get_num_threads() == 2  # put back on the error path too
-    finally:
-        torch.set_num_threads(threads)
+def test_command_bad_arguments_exit_2_with_one_line(tmp_path, capsys, two_threads) -> None:
+    assert main(["run", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
+    assert torch.get_num_threads() == 2  # put back on the error path too
     assert capsys.readouterr().err.strip().startswith("metafair-opt: error: Unknown data set")
     assert main(["run", "--methods", "magic", "--out", str(tmp_path)]) == 2
     assert "Unknown method(s) ['magic']" in capsys.readouterr().err
