@@ -27,12 +27,14 @@ after one warm-up step: the step's peak of live tensor bytes above those live be
 from __future__ import annotations
 
 import gc
+import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from itertools import repeat
 from typing import Any
 
@@ -45,8 +47,12 @@ from metafair_opt.alignment import GradientAlignmentWrapper
 from metafair_opt.reweighting import SampleReweighter
 
 __all__ = [
+    "AGREEMENT_PAIRS",
+    "AGREEMENT_TOLERANCE",
     "VARIANTS",
     "WORKLOADS",
+    "ImplementationsDisagree",
+    "Rates",
     "Workload",
     "check_agreement",
     "machine_description",
@@ -75,6 +81,19 @@ VARIANTS = (
 )
 INNER_LR = 0.01
 LOOKAHEAD_LR = 0.01
+WEIGHT_LR = 0.01
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The step sizes every implementation of a variant takes: the alignment's inner SGD
+    step, the reweighter's look-ahead step and its weight table's SGD step, and the model's
+    SGD step."""
+
+    inner: float = INNER_LR
+    lookahead: float = LOOKAHEAD_LR
+    weight: float = WEIGHT_LR
+    model: float = 1e-3
 
 
 @dataclass
@@ -136,10 +155,11 @@ def make_workload(name: str, device: torch.device | str = "cpu") -> Workload:
 
 
 # ------------------------------------------------------------------------------- peers
-def _higher_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable[[], None]:
+def _higher_alignment(model, optimizer, w: Workload, rates: Rates,
+                      steps: int = 1) -> Callable[[], None]:
     import higher
 
-    inner = torch.optim.SGD(model.parameters(), lr=INNER_LR)
+    inner = torch.optim.SGD(model.parameters(), lr=rates.inner)
     xs, ys, xq, yq = w.sets()
 
     def step() -> None:
@@ -153,7 +173,8 @@ def _higher_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable
     return step
 
 
-def _torchfunc_alignment(model, optimizer, w: Workload, steps: int = 1) -> Callable[[], None]:
+def _torchfunc_alignment(model, optimizer, w: Workload, rates: Rates,
+                         steps: int = 1) -> Callable[[], None]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     xs, ys, xq, yq = w.sets()
@@ -165,7 +186,7 @@ def _torchfunc_alignment(model, optimizer, w: Workload, steps: int = 1) -> Calla
         for _ in range(steps):
             out = functional_call(model, ({**dict(zip(names, fast)), **buffers}), (xs,))
             grads = torch.autograd.grad(w.loss(out, ys), fast, create_graph=True)
-            fast = [p - INNER_LR * g for p, g in zip(fast, grads)]
+            fast = [p - rates.inner * g for p, g in zip(fast, grads)]
         query = w.loss(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
         for p, g in zip(params, torch.autograd.grad(query, params)):
             p.grad = g
@@ -173,30 +194,34 @@ def _torchfunc_alignment(model, optimizer, w: Workload, steps: int = 1) -> Calla
     return step
 
 
-def _higher_reweighter(model, optimizer, w: Workload, table: Tensor) -> Callable[[], None]:
+def _higher_reweighter(model, optimizer, w: Workload, table: Tensor,
+                       rates: Rates) -> Callable[[], None]:
     import higher
 
     from metafair_opt.meta_losses import mean_loss_discrepancy
 
-    inner = torch.optim.SGD(model.parameters(), lr=LOOKAHEAD_LR)
+    inner = torch.optim.SGD(model.parameters(), lr=rates.lookahead)
 
     def step() -> None:
+        optimizer.zero_grad()
         logits = table.clone().requires_grad_(True)
-        with higher.innerloop_ctx(model, inner, copy_initial_weights=True) as (fmodel, diffopt):
-            weights = torch.softmax(logits, 0)
-            diffopt.step((weights * w.loss(fmodel(w.x), w.y, reduction="none")).sum())
+        # At the model's own parameters (not copies), the training forward serves the
+        # look-ahead and the final gradient, as in ours and the hand-written step.
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+            losses = w.loss(fmodel(w.x), w.y, reduction="none")
+            diffopt.step((torch.softmax(logits, 0) * losses).sum())
             meta = mean_loss_discrepancy(w.loss(fmodel(w.x_val), w.y_val, reduction="none"),
                                          w.g_val)
             (grad,) = torch.autograd.grad(meta, logits)
         with torch.no_grad():
-            table.sub_(grad, alpha=0.01)  # plain SGD keeps the peers comparable and simple
-        optimizer.zero_grad()
-        (torch.softmax(table, 0) * w.loss(model(w.x), w.y, reduction="none")).sum().backward()
+            table.sub_(grad, alpha=rates.weight)  # plain SGD keeps the peers comparable
+        (torch.softmax(table, 0) * losses).sum().backward()
         optimizer.step()
     return step
 
 
-def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor) -> Callable[[], None]:
+def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor,
+                          rates: Rates) -> Callable[[], None]:
     from metafair_opt.meta_losses import mean_loss_discrepancy
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -209,12 +234,12 @@ def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor) -> Calla
         losses = w.loss(model(w.x), w.y, reduction="none")
         weighted = (torch.softmax(logits, 0) * losses).sum()
         grads = torch.autograd.grad(weighted, params, create_graph=True)
-        fast = {n: p - LOOKAHEAD_LR * g for n, p, g in zip(names, params, grads)}
+        fast = {n: p - rates.lookahead * g for n, p, g in zip(names, params, grads)}
         val = functional_call(model, {**fast, **buffers}, (w.x_val,))
         meta = mean_loss_discrepancy(w.loss(val, w.y_val, reduction="none"), w.g_val)
         (grad,) = torch.autograd.grad(meta, logits, retain_graph=True)
         with torch.no_grad():
-            table.sub_(grad, alpha=0.01)
+            table.sub_(grad, alpha=rates.weight)
         final = (torch.softmax(table, 0) * losses).sum()
         for p, g in zip(params, torch.autograd.grad(final, params)):
             p.grad = g
@@ -226,16 +251,22 @@ def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor) -> Calla
 def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
               lr: float = 1e-3) -> tuple[Callable[[], None], nn.Module]:
     """A zero-argument training step of ``variant`` on ``w`` and the model it trains."""
-    step, model, _ = _build(variant, w, device, lr)
+    step, model, _ = _build(variant, w, device, Rates(model=lr))
     return step, model
 
 
-def _build(variant: str, w: Workload, device: torch.device | str, lr: float
+def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
+           logits: Tensor | None = None
            ) -> tuple[Callable[[], None], nn.Module, Callable[[], Tensor] | None]:
-    """``make_step``'s step and model, and for the reweighters a reader of the weight table."""
+    """``make_step``'s step and model at ``rates``, and for the reweighters a reader of the
+    weight table, which starts at ``logits`` (None: zeros).
+
+    Besides :data:`VARIANTS`, ``higher_alignment_5_inner`` and ``torchfunc_alignment_5_inner``
+    (the peers of ``alignment_5_inner``, which :func:`check_agreement` compares it with).
+    """
     device = torch.device(device)
     model = w.model(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=rates.model)
     n = w.x.shape[0]
     if variant == "plain":
         def plain() -> None:
@@ -245,7 +276,8 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         return plain, model, None
     if variant.startswith("alignment"):
         align = _alignment_step(
-            w, model, optimizer, inner_steps=5 if variant == "alignment_5_inner" else 1,
+            w, model, optimizer, inner_lr=rates.inner,
+            inner_steps=5 if variant == "alignment_5_inner" else 1,
             first_order=variant.startswith("alignment_first_order"),
             compiled=variant.endswith("_compiled"),
             recompute_support=variant == "alignment_recompute")
@@ -254,14 +286,22 @@ def _build(variant: str, w: Workload, device: torch.device | str, lr: float
         reweight, rw = _reweighter_step(
             w, model, optimizer, meta_every=5 if variant == "reweighter_every_5" else 1,
             compiled=variant.endswith("_compiled"),
-            recompute_forward=variant.endswith("_recompute"))
+            recompute_forward=variant.endswith("_recompute"), weight_lr=rates.weight,
+            lookahead_lr=rates.lookahead)
+        if logits is not None:
+            state = rw.state_dict()
+            state["weights"] = logits
+            rw.load_state_dict(state)
         return reweight, model, lambda: rw.weights
-    table = torch.zeros(n, device=device)
+    table = torch.zeros(n, device=device) if logits is None else logits.to(device).clone()
     peers = {
-        "higher_alignment": lambda: _higher_alignment(model, optimizer, w),
-        "torchfunc_alignment": lambda: _torchfunc_alignment(model, optimizer, w),
-        "higher_reweighter": lambda: _higher_reweighter(model, optimizer, w, table),
-        "torchfunc_reweighter": lambda: _torchfunc_reweighter(model, optimizer, w, table),
+        "higher_alignment": lambda: _higher_alignment(model, optimizer, w, rates),
+        "higher_alignment_5_inner": lambda: _higher_alignment(model, optimizer, w, rates, 5),
+        "torchfunc_alignment": lambda: _torchfunc_alignment(model, optimizer, w, rates),
+        "torchfunc_alignment_5_inner": lambda: _torchfunc_alignment(model, optimizer, w,
+                                                                    rates, 5),
+        "higher_reweighter": lambda: _higher_reweighter(model, optimizer, w, table, rates),
+        "torchfunc_reweighter": lambda: _torchfunc_reweighter(model, optimizer, w, table, rates),
     }
     if variant not in peers:
         raise ValueError(f"Unknown variant {variant!r}; choose from {list(VARIANTS)}.")
@@ -305,12 +345,12 @@ def make_reweighter_step(w: Workload, device: torch.device | str = "cpu", lr: fl
 def _reweighter_step(w: Workload, model: nn.Module, optimizer: torch.optim.Optimizer,
                      **options: Any) -> tuple[Callable[[], None], SampleReweighter]:
     """One reweighting step on ``w``'s whole batch (SGD weights, the benchmark's look-ahead
-    rate, ``options`` on top) and the reweighter."""
+    and weight rates, ``options`` on top) and the reweighter."""
     n = w.x.shape[0]
     idx = torch.arange(n, device=w.x.device)
     val = (w.x_val, w.y_val, w.g_val)
     rw = SampleReweighter(model, optimizer, num_samples=n, loss_fn=w.loss,
-                          **{"weight_lr": 0.01, "weight_optimizer": "sgd",
+                          **{"weight_lr": WEIGHT_LR, "weight_optimizer": "sgd",
                              "lookahead_lr": LOOKAHEAD_LR, **options})
 
     def reweight() -> None:
@@ -319,39 +359,109 @@ def _reweighter_step(w: Workload, model: nn.Module, optimizer: torch.optim.Optim
     return reweight, rw
 
 
-def check_agreement(w: Workload, device: torch.device | str = "cpu") -> dict[str, float]:
-    """How far each peer's step is from ours (one step, model lr=0).
+#: The comparisons :func:`check_agreement` makes: each of ours against its other
+#: implementations.
+AGREEMENT_PAIRS = (
+    ("alignment", ("higher_alignment", "torchfunc_alignment", "alignment_compiled",
+                   "alignment_recompute")),
+    ("alignment_first_order", ("alignment_first_order_compiled",)),
+    ("alignment_5_inner", ("higher_alignment_5_inner", "torchfunc_alignment_5_inner")),
+    ("reweighter", ("higher_reweighter", "torchfunc_reweighter", "reweighter_compiled",
+                    "reweighter_recompute")),
+)
+#: The largest relative difference :func:`run_suite` accepts between two implementations.
+AGREEMENT_TOLERANCE = 1e-3
+#: How far the largest weight logit moves in the check's first weight update.
+_CHECK_LOGIT_STEP = 0.5
 
-    Returns ``{"alignment vs higher_alignment": ..., ...}``: the max absolute difference of the
-    model gradients and, for the reweighters, ``"... (weight update)"``: the max difference of
-    the weight tables' change relative to its largest entry (the model gradient hardly depends
-    on a weight step of this size, the weight update is the meta-gradient itself). A large
-    value is a bug in a benchmark peer.
+
+class ImplementationsDisagree(RuntimeError):
+    """Two implementations of a benchmarked step computed different results."""
+
+
+def check_agreement(w: Workload, device: torch.device | str = "cpu",
+                    pairs: Sequence[tuple[str, Sequence[str]]] = AGREEMENT_PAIRS
+                    ) -> dict[str, float]:
+    """How far each other implementation of a variant is from ours, as a relative difference.
+
+    Every implementation takes two steps from the same model and, for the reweighters, the same
+    random weight logits, with steps larger than the timed runs' (inner and look-ahead rate
+    0.1, model rate 0.1, a weight rate that moves the largest logit by 0.5 in the first
+    update) so that each part of a step changes the result measurably: the second-order term,
+    the weight update and its effect on the final gradient, the optimizer step. Returns
+    ``{"alignment vs higher_alignment": ..., ...}`` for ``pairs`` (ours, its others), each the
+    larger of the second step's model gradients' and the parameters' change's difference, as
+    max |ours - theirs| / max |ours|, and for the reweighters ``"... (weight update)"``, the
+    same for the weight table's change. NaN where ours did not change (nothing compared). A
+    value above :data:`AGREEMENT_TOLERANCE` is a bug in one of the two.
     """
-    def outcome(variant: str) -> tuple[list[Tensor], Tensor | None]:
-        step, model, weights = _build(variant, w, device, lr=0.0)
-        step()
-        grads = [p.grad.detach().clone() for p in model.parameters()]
-        return grads, None if weights is None else weights()
+    device = torch.device(device)
+    logits = torch.randn(w.x.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
+    rates = Rates(inner=0.1, lookahead=0.1, weight=1.0, model=0.1)
+    rates = replace(rates, weight=_weight_rate(w, device, rates, logits))
+
+    def outcome(variant: str) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+        step, model, weights = _build(variant, w, device, rates, logits)
+        start = [p.detach().clone() for p in model.parameters()]
+        with _exact_float32():
+            step()
+            step()
+        return ([p.grad.detach().clone() for p in model.parameters()],
+                [p.detach() - s for p, s in zip(model.parameters(), start)],
+                None if weights is None else weights() - logits)
 
     report = {}
-    for ours, peers in (("alignment", ("higher_alignment", "torchfunc_alignment",
-                                       "alignment_compiled", "alignment_recompute")),
-                        ("alignment_first_order", ("alignment_first_order_compiled",)),
-                        ("reweighter", ("higher_reweighter", "torchfunc_reweighter",
-                                        "reweighter_compiled", "reweighter_recompute"))):
-        reference, reference_weights = outcome(ours)
-        for peer in peers:
-            other, other_weights = outcome(peer)
-            report[f"{ours} vs {peer}"] = max(float((a - b).abs().max())
-                                              for a, b in zip(reference, other))
-            if reference_weights is not None and other_weights is not None:
-                change = float(reference_weights.abs().max())  # the table starts at zero
-                gap = float((reference_weights - other_weights.to(reference_weights)).abs().max())
-                # NaN when our table did not move: nothing would have been compared.
-                report[f"{ours} vs {peer} (weight update)"] = (gap / change if change > 0
-                                                               else float("nan"))
+    for ours, others in pairs:
+        grads, moves, table_change = outcome(ours)
+        for other in others:
+            their_grads, their_moves, their_change = outcome(other)
+            report[f"{ours} vs {other}"] = max(
+                _relative_difference(grads, their_grads),
+                _relative_difference(moves, their_moves), key=_nan_first)
+            if table_change is not None and their_change is not None:
+                report[f"{ours} vs {other} (weight update)"] = _relative_difference(
+                    [table_change], [their_change])
     return report
+
+
+def _weight_rate(w: Workload, device: torch.device, rates: Rates, logits: Tensor) -> float:
+    """The weight rate at which our reweighter's first update moves the largest logit by
+    :data:`_CHECK_LOGIT_STEP` (an SGD update is proportional to its rate)."""
+    step, _, weights = _build("reweighter", w, device, replace(rates, weight=1.0), logits)
+    with _exact_float32():
+        step()
+    assert weights is not None
+    largest = float((weights() - logits).abs().max())
+    if not largest > 0:
+        raise ImplementationsDisagree(
+            f"{w.name}: our reweighter's weight update is {largest} at weight rate 1: the "
+            "agreement check would compare nothing.")
+    return _CHECK_LOGIT_STEP / largest
+
+
+def _relative_difference(ours: Sequence[Tensor], theirs: Sequence[Tensor]) -> float:
+    """max |ours - theirs| / max |ours|, each over all the tensors (NaN where either holds a
+    NaN or both are zero; inf where only ours are)."""
+    scale = torch.stack([a.abs().max() for a in ours]).max()  # unlike Python's max, NaN wins
+    gap = torch.stack([(a - b.to(a)).abs().max() for a, b in zip(ours, theirs, strict=True)])
+    return float(gap.max() / scale)
+
+
+def _nan_first(value: float) -> tuple[bool, float]:
+    """A sort key under which NaN is the largest value."""
+    return (math.isnan(value), value)
+
+
+@contextmanager
+def _exact_float32() -> Iterator[None]:
+    """TensorFloat-32 off (CUDA's cuDNN allows it by default): with its 10-bit mantissa,
+    implementations that order the same products differently disagree by about 1e-3."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def _sync(device: torch.device) -> None:
@@ -451,7 +561,8 @@ def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
     read from /proc; None on CUDA, where the host's memory is not the step's) and the peak
     bytes of live tensors (:func:`peak_live_mb`). Both are measured after a warm-up step, and
     for ``reweighter_every_5`` on a weight-updating step. The process is new, so nothing
-    measured before leaks into it.
+    measured before leaks into it. Raises a RuntimeError with the end of the process's error
+    output if it fails.
     """
     import json
     import os
@@ -461,8 +572,13 @@ def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
     device = torch.device(device)
     result = subprocess.run(
         [sys.executable, "-c", _MEMORY_CHILD, workload, variant, str(threads), str(device)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"Measuring the memory of {workload}'s {variant!r} step in a fresh process failed "
+            f"(exit status {result.returncode}); its error output ends with:\n"
+            f"{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -535,10 +651,14 @@ def _peak_in_window(events: Iterable[Any], marker: str) -> float:
 def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quick: bool = False,
               progress: Callable[[str], None] | None = None,
               pairwise: bool = False) -> list[dict[str, Any]]:
-    """Time every variant of every workload (interleaved, one process) and measure memory.
+    """Check that every implementation agrees, measure memory, then time every variant of
+    every workload (interleaved, one process).
 
-    With ``pairwise``, each record also holds ``ratio_to_plain_pairwise``: the variant timed
-    against the plain step alone (:func:`time_pairwise`), with as many repeats again per pair.
+    Raises :class:`ImplementationsDisagree`, before measuring anything, where two
+    implementations of a step differ by more than :data:`AGREEMENT_TOLERANCE`
+    (:func:`check_agreement`). With ``pairwise``, each record also holds
+    ``ratio_to_plain_pairwise``: the variant timed against the plain step alone
+    (:func:`time_pairwise`), with as many repeats again per pair.
     """
     device = torch.device(device)
     records: list[dict[str, Any]] = []
@@ -547,6 +667,22 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
         if progress:
             progress(f"{name}: checking that every implementation agrees")
         agreement = check_agreement(w, device)
+        disagreeing = {pair: gap for pair, gap in agreement.items()
+                       if not gap <= AGREEMENT_TOLERANCE}  # NaN: nothing was compared
+        if disagreeing:
+            listed = "; ".join(f"{pair}: {gap:.3g}" for pair, gap in disagreeing.items())
+            raise ImplementationsDisagree(
+                f"{name}: implementations of the same step disagree (relative difference "
+                f"above {AGREEMENT_TOLERANCE:g}): {listed}. Nothing was timed: a peer that "
+                "disagrees is a bug to fix in the benchmark (or in our step), not a row to "
+                "publish.")
+        # Memory first (fresh processes): should one fail, no timing is lost.
+        if progress:
+            progress(f"{name}: measuring each variant's memory in a fresh process")
+        with ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
+            memories = dict(zip(VARIANTS, pool.map(
+                step_peak_memory_mb, repeat(name), VARIANTS, repeat(torch.get_num_threads()),
+                repeat(device)), strict=True))
         steps = {}
         for variant in VARIANTS:
             step, _ = make_step(variant, w, device)
@@ -563,21 +699,18 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
                 progress(f"{name}: timing each variant against the plain step alone")
             pairs = time_pairwise(steps, repeats, device=device,
                                   per_call=_STEPS_PER_CALL)
-        with ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
-            memories = pool.map(step_peak_memory_mb, repeat(name), VARIANTS,
-                                repeat(torch.get_num_threads()), repeat(device))
-            for variant, memory in zip(VARIANTS, memories, strict=True):
-                records.append({
-                    "workload": name,
-                    "variant": variant,
-                    "median_ms": round(medians[variant], 4),
-                    "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
-                    **({"ratio_to_plain_pairwise": round(pairs[variant], 3)} if pairs else {}),
-                    "peak_live_mb": significant(memory["peak_live_mb"]),
-                    "peak_rss_mb": significant(memory["peak_rss_mb"]),
-                })
-        for key, diff in agreement.items():
-            records.append({"workload": name, "check": key, "max_abs_grad_diff": diff})
+        for variant in VARIANTS:
+            records.append({
+                "workload": name,
+                "variant": variant,
+                "median_ms": round(medians[variant], 4),
+                "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
+                **({"ratio_to_plain_pairwise": round(pairs[variant], 3)} if pairs else {}),
+                "peak_live_mb": significant(memories[variant]["peak_live_mb"]),
+                "peak_rss_mb": significant(memories[variant]["peak_rss_mb"]),
+            })
+        for pair, gap in agreement.items():
+            records.append({"workload": name, "check": pair, "relative_difference": gap})
     return records
 
 

@@ -7,10 +7,16 @@ import json
 import math
 from unittest.mock import patch
 
+import pytest
 import torch
+from torch.func import functional_call
 
+import metafair_opt.benchmark as bench
 from metafair_opt.benchmark import (
+    AGREEMENT_PAIRS,
+    AGREEMENT_TOLERANCE,
     VARIANTS,
+    ImplementationsDisagree,
     check_agreement,
     make_workload,
     significant,
@@ -22,21 +28,161 @@ from metafair_opt.cli import main
 
 def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
     report = check_agreement(make_workload("mlp"))
-    assert set(report) == {
-        "alignment vs higher_alignment", "alignment vs torchfunc_alignment",
-        "alignment vs alignment_compiled", "alignment vs alignment_recompute",
-        "alignment_first_order vs alignment_first_order_compiled",
-        "reweighter vs higher_reweighter", "reweighter vs torchfunc_reweighter",
-        "reweighter vs higher_reweighter (weight update)",
-        "reweighter vs torchfunc_reweighter (weight update)",
-        "reweighter vs reweighter_compiled",
-        "reweighter vs reweighter_compiled (weight update)",
-        "reweighter vs reweighter_recompute",
-        "reweighter vs reweighter_recompute (weight update)",
-    }
+    expected = {f"{ours} vs {other}" for ours, others in AGREEMENT_PAIRS for other in others}
+    expected |= {f"reweighter vs {other} (weight update)" for other in (
+        "higher_reweighter", "torchfunc_reweighter", "reweighter_compiled",
+        "reweighter_recompute")}
+    assert set(report) == expected
+    assert "alignment_5_inner vs torchfunc_alignment_5_inner" in report
     for key, value in report.items():
-        assert not math.isnan(value), key  # NaN: our weight table did not move
-        assert value < 1e-5, (key, value)
+        assert value < 1e-5, (key, value)  # float32 rounding; NaN fails too
+
+
+def _first_order_peer(model, optimizer, w, rates, steps=1):
+    """The hand-written alignment step without create_graph: the first-order step."""
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    xs, ys, xq, yq = w.sets()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        fast = params
+        for _ in range(steps):
+            out = functional_call(model, dict(zip(names, fast)), (xs,))
+            grads = torch.autograd.grad(w.loss(out, ys), fast)
+            fast = [p - rates.inner * g for p, g in zip(fast, grads)]
+        query = w.loss(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
+        for p, g in zip(params, torch.autograd.grad(query, params)):
+            p.grad = g
+        optimizer.step()
+    return step
+
+
+_REAL_HIGHER_ALIGNMENT = bench._higher_alignment
+_REAL_TORCHFUNC_REWEIGHTER = bench._torchfunc_reweighter
+
+
+def _peer_without_optimizer_step(model, optimizer, w, rates, steps=1):
+    """The ``higher`` alignment step whose optimizer step changes nothing."""
+    step = _REAL_HIGHER_ALIGNMENT(model, torch.optim.SGD(model.parameters(), lr=0.0), w,
+                                  rates, steps)
+
+    def without() -> None:
+        optimizer.zero_grad()
+        step()
+    return without
+
+
+def _stale_weights_peer(model, optimizer, w, table, rates):
+    """The hand-written reweighting step whose final gradient uses the weights from before
+    the update."""
+    stale = table.clone()
+    step = _REAL_TORCHFUNC_REWEIGHTER(model, optimizer, w, table, rates)
+    real_softmax = torch.softmax
+
+    def with_stale_weights() -> None:
+        stale.copy_(table)
+        calls = []
+
+        def softmax(t, dim):
+            calls.append(t)
+            # The second call, the final gradient's, gets the table from before the update.
+            return real_softmax(stale if len(calls) == 2 else t, dim)
+
+        with patch.object(torch, "softmax", softmax):
+            step()
+    return with_stale_weights
+
+
+@pytest.mark.parametrize("broken, peer, pair", [
+    (_first_order_peer, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
+    (_first_order_peer, "_torchfunc_alignment",
+     ("alignment_5_inner", "torchfunc_alignment_5_inner")),
+    (_peer_without_optimizer_step, "_higher_alignment", ("alignment", "higher_alignment")),
+    (_stale_weights_peer, "_torchfunc_reweighter", ("reweighter", "torchfunc_reweighter")),
+])
+def test_the_agreement_check_finds_a_peer_that_computes_another_step(
+        monkeypatch, broken, peer, pair) -> None:
+    ours, other = pair
+    w = make_workload("mlp")
+    assert check_agreement(w, pairs=[(ours, [other])])[f"{ours} vs {other}"] < 1e-5
+    monkeypatch.setattr(bench, peer, broken)
+    gap = check_agreement(w, pairs=[(ours, [other])])[f"{ours} vs {other}"]
+    assert gap > 10 * AGREEMENT_TOLERANCE, gap
+
+
+def test_the_suite_measures_nothing_when_implementations_disagree(monkeypatch) -> None:
+    def measured(*args, **kwargs):
+        raise AssertionError("measured although the implementations disagree")
+
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device: {
+        "alignment vs higher_alignment": 2e-7, "reweighter vs higher_reweighter": 0.25,
+        "reweighter vs torchfunc_reweighter (weight update)": math.nan})
+    monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
+    monkeypatch.setattr(bench, "time_interleaved", measured)
+    with pytest.raises(ImplementationsDisagree) as error:
+        bench.run_suite(["mlp"])
+    assert str(error.value) == (
+        "mlp: implementations of the same step disagree (relative difference above 0.001): "
+        "reweighter vs higher_reweighter: 0.25; reweighter vs torchfunc_reweighter (weight "
+        "update): nan. Nothing was timed: a peer that disagrees is a bug to fix in the "
+        "benchmark (or in our step), not a row to publish.")
+
+
+def test_bench_exits_1_with_the_disagreement(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "check_agreement",
+                        lambda w, device: {"alignment vs higher_alignment": 0.5})
+    assert main(["bench", "--workload", "mlp", "--quick"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines()[-1].startswith(
+        "metafair-opt: error: mlp: implementations of the same step disagree (relative "
+        "difference above 0.001): alignment vs higher_alignment: 0.5.")
+
+
+def test_the_suite_times_nothing_when_memory_cannot_be_measured(monkeypatch) -> None:
+    def timed(*args, **kwargs):
+        raise AssertionError("timed before the memory was measured")
+
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device: {})
+    monkeypatch.setattr(bench, "time_interleaved", timed)
+    monkeypatch.setattr(bench, "VARIANTS", ("plain", "no_such_variant"))
+    with pytest.raises(RuntimeError) as error:
+        bench.run_suite(["mlp"])
+    message = str(error.value)
+    assert message.startswith("Measuring the memory of mlp's 'no_such_variant' step in a "
+                               "fresh process failed (exit status 1); its error output ends "
+                               "with:\n")
+    assert message.rstrip().endswith(  # the child's own error (it knows every variant)
+        f"ValueError: Unknown variant 'no_such_variant'; choose from {list(VARIANTS)}.")
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_bench_refuses_a_thread_count_that_is_not_positive(capsys, threads) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--threads", threads])
+    assert exit_.value.code == 2
+    expected = (f"'{threads}'" if threads == "two" else threads)
+    assert capsys.readouterr().err.strip().endswith(
+        f"argument --threads: expected a positive integer, got {expected}")
+
+
+def test_a_file_as_the_output_folder_fails_before_any_work(monkeypatch, capsys,
+                                                           tmp_path) -> None:
+    def measured(*args, **kwargs):
+        raise AssertionError("ran although --out cannot be written")
+
+    monkeypatch.setattr(bench, "run_suite", measured)
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    assert main(["bench", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"metafair-opt: error: --out {taken} is a file; pass a folder to write the results "
+        "into.")
+    assert main(["run", "--out", str(taken / "inner")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"metafair-opt: error: Cannot create the --out folder {taken / 'inner'}: Not a "
+        "directory.")
 
 
 def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> None:
@@ -95,8 +241,6 @@ def test_pairwise_timing_runs_each_variant_beside_the_reference_alone() -> None:
 
 
 def test_the_suite_adds_the_pairwise_ratio_only_when_asked(monkeypatch) -> None:
-    import metafair_opt.benchmark as bench
-
     def step() -> None:
         torch.ones(64).sum()
 
