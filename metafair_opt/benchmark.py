@@ -55,6 +55,7 @@ __all__ = [
     "Rates",
     "Workload",
     "check_agreement",
+    "live_bytes_growth",
     "machine_description",
     "make_alignment_step",
     "make_reweighter_step",
@@ -621,23 +622,77 @@ def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cpu",
     return _peak_in_window(prof.profiler.kineto_results.events(), marker) / 2**20
 
 
-def _peak_in_window(events: Iterable[Any], marker: str) -> float:
-    """The peak, during the event named ``marker``, of the running sum of the profiler's CPU
-    allocation (positive bytes) and free (negative bytes) records, above its value at the
-    marker's start (bytes)."""
-    from torch.autograd import DeviceType
+def live_bytes_growth(step: Callable[[], None], first: int = 10, last: int = 200,
+                      device: torch.device | str = "cpu") -> int:
+    """Bytes of live tensors after ``last`` calls of ``step`` minus those after ``first``
+    calls: 0 for a step that leaks nothing (tensors kept across steps, graphs chained from
+    one step to the next, tensors growing in place).
 
-    events = list(events)
+    On CUDA the caching allocator's statistics (``torch.cuda.memory_allocated``) give the
+    bytes; on the CPU the running sum of ``torch.profiler``'s allocation and free records,
+    recorded from the first call on, at the end of the two calls (each followed by a garbage
+    collection, so that what it frees counts).
+    """
+    device = torch.device(device)
+    if not 0 < first < last:
+        raise ValueError(f"live_bytes_growth needs 0 < first < last; got {first}, {last}.")
+    if device.type == "cuda":
+        held = {}
+        for call in range(1, last + 1):
+            step()
+            if call in (first, last):
+                gc.collect()
+                torch.cuda.synchronize(device)
+                held[call] = torch.cuda.memory_allocated(device)
+        return held[last] - held[first]
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    marker = "metafair_opt.benchmark.growth_call"
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for call in range(1, last + 1):
+            if call in (first, last):
+                with record_function(f"{marker}.{call}"):
+                    step()
+                    gc.collect()
+            else:
+                step()
+    events = list(prof.profiler.kineto_results.events())
+    records = _cpu_memory_records(events)
+
+    def held_after(call: int) -> int:
+        end = _window(events, f"{marker}.{call}")[1]
+        return sum(nbytes for time_ns, nbytes in records if time_ns <= end)
+
+    return held_after(last) - held_after(first)
+
+
+def _window(events: Sequence[Any], marker: str) -> tuple[int, int]:
+    """The start and end (ns) of the one profiler event named ``marker``."""
     window = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
               if e.name() == marker]
     if len(window) != 1:
         raise RuntimeError(f"Expected one profiler event {marker!r}, found {len(window)}.")
-    start, end = window[0]
-    memory = sorted(((e.start_ns(), e.nbytes()) for e in events
-                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
-                    key=lambda record: record[0])
+    return window[0]
+
+
+def _cpu_memory_records(events: Sequence[Any]) -> list[tuple[int, int]]:
+    """The profiler's CPU allocation (positive bytes) and free (negative bytes) records, as
+    (time in ns, bytes), in time order."""
+    from torch.autograd import DeviceType
+
+    return sorted(((e.start_ns(), e.nbytes()) for e in events
+                   if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+                  key=lambda record: record[0])
+
+
+def _peak_in_window(events: Iterable[Any], marker: str) -> float:
+    """The peak, during the event named ``marker``, of the running sum of the profiler's CPU
+    allocation (positive bytes) and free (negative bytes) records, above its value at the
+    marker's start (bytes)."""
+    events = list(events)
+    start, end = _window(events, marker)
     total = before = peak = 0
-    for time_ns, nbytes in memory:
+    for time_ns, nbytes in _cpu_memory_records(events):
         if time_ns > end:
             break
         total += nbytes

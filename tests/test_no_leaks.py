@@ -1,4 +1,5 @@
-"""No growth: the live tensors after 200 steps are the live tensors after 10 (no timing)."""
+"""No growth: after 200 steps the same tensors, and the same bytes of them, are live as after
+10 (no timing)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
-from metafair_opt.benchmark import make_step, make_workload
+from metafair_opt.benchmark import live_bytes_growth, make_step, make_workload
 
 
 def live_tensor_count() -> int:
@@ -19,13 +21,49 @@ def live_tensor_count() -> int:
 
 
 def assert_no_growth(step) -> None:
-    """The live tensors after 200 calls of ``step`` are those after 10."""
-    for _ in range(10):
+    """The live tensors after 200 calls of ``step`` are those after 10: as many Python
+    tensor objects, and as many bytes of tensors (which also counts what autograd graphs hold
+    and tensors that grow in place)."""
+    counts = []
+
+    def counted_step() -> None:
         step()
-    after_10 = live_tensor_count()
-    for _ in range(190):
-        step()
-    assert live_tensor_count() == after_10
+        calls = len(counts) + 1
+        counts.append(live_tensor_count() if calls in (10, 200) else None)
+
+    assert live_bytes_growth(counted_step, first=10, last=200) == 0
+    assert counts[9] == counts[199]
+
+
+def test_the_growth_measurement_sees_a_graph_chained_across_steps() -> None:
+    torch.manual_seed(0)
+    layer, x = nn.Linear(50, 50), torch.randn(8, 50)
+    total = [torch.zeros(())]
+
+    def step() -> None:  # one Python tensor all along; its graph keeps every step's input
+        total[0] = total[0] + torch.tanh(layer(x)).sum()
+
+    assert live_bytes_growth(step, first=10, last=20) >= 10 * 8 * 50 * 4
+
+
+def test_the_growth_measurement_sees_a_tensor_growing() -> None:
+    held = [torch.zeros(0)]
+
+    def step() -> None:  # one Python tensor all along, 4 KB longer each step
+        held[0] = torch.cat([held[0], torch.zeros(1000)])
+
+    assert live_bytes_growth(step, first=10, last=20) == 10 * 4000
+
+
+def test_the_growth_measurement_of_a_step_that_keeps_nothing() -> None:
+    x = torch.randn(100, 100)
+
+    def step() -> None:
+        (x @ x).relu().sum()
+
+    assert live_bytes_growth(step, first=3, last=30) == 0
+    with pytest.raises(ValueError, match="needs 0 < first < last; got 5, 5"):
+        live_bytes_growth(step, first=5, last=5)
 
 
 @pytest.mark.parametrize("variant", ["alignment", "alignment_first_order", "reweighter",
