@@ -13,6 +13,7 @@ A bad argument or a missing data set ends with exit status 2 and one line saying
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -334,6 +335,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         print(f"{check['workload']}: {check['check']}: relative difference "
               f"{check['relative_difference']:.3g}", file=sys.stderr)
     if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(timings).to_csv(args.out / "results.csv", index=False)
         agreement = pd.DataFrame(checks).rename(columns={"check": "implementations",
                                                          "relative_difference": "difference"})
@@ -381,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         if getattr(args, "out", None) is not None:
-            _create_output_folder(Path(args.out))
+            _check_output_folder(Path(args.out))
         if args.command == "run":
             _run(args, command)
         elif args.command == "sweep":
@@ -404,14 +406,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _create_output_folder(out: Path) -> None:
-    """Create the ``--out`` folder before any work, so that a bad path costs no results."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder to write the results into.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"Cannot create the --out folder {out}: {error.strerror}.") from error
+def _check_output_folder(out: Path) -> None:
+    """Refuse an ``--out`` folder that cannot be written before any work (so that a bad path
+    costs no results); nothing is created until there are results to write."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file; pass a folder to write the results into.")
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"Cannot write into the --out folder {out}: permission denied.")
+        return
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"Cannot create the --out folder {out}: {ancestor} is a file.")
+    if not os.access(ancestor, os.W_OK):
+        raise ValueError(f"Cannot create the --out folder {out}: no permission to write in "
+                         f"{ancestor}.")
 
 
 def _leave_process_group() -> None:

@@ -181,8 +181,10 @@ def test_a_file_as_the_output_folder_fails_before_any_work(monkeypatch, capsys,
         "into.")
     assert main(["run", "--out", str(taken / "inner")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"metafair-opt: error: Cannot create the --out folder {taken / 'inner'}: Not a "
-        "directory.")
+        f"metafair-opt: error: Cannot create the --out folder {taken / 'inner'}: {taken} is a "
+        "file.")
+    assert main(["run", "--out", str(tmp_path / "new" / "folder"), "--dataset", "mnist"]) == 2
+    assert not (tmp_path / "new").exists()  # a failed run creates nothing
 
 
 def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> None:
