@@ -712,7 +712,7 @@ class SampleReweighter(MetaOptimizerBase):
                 v, theta, weights.detach(), step, logits, inverse, train)
         else:
             (row_grads,) = self._unscaled(torch.autograd.grad(
-                target, logits, retain_graph=True, allow_unused=True))
+                target, logits, allow_unused=True))
             if row_grads is None:
                 row_grads = torch.zeros_like(logits)
         return (meta.detach(), row_grads.detach(), val_losses.detach(),
