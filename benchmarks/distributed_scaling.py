@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from metafair_opt import GradientAlignmentWrapper, SampleReweighter
-from metafair_opt.benchmark import INNER_LR, LOOKAHEAD_LR, make_workload
+from metafair_opt.benchmark import INNER_LR, LOOKAHEAD_LR, WEIGHT_LR, make_workload
 
 
 def rank_main(kind: str, sync: str, steps: int, rank: int, world: int, init: str) -> None:
@@ -53,8 +53,8 @@ def rank_main(kind: str, sync: str, steps: int, rank: int, world: int, init: str
             wrapper.step((x[support], y[support]), (x[~support], y[~support]))
     else:
         wrapper = SampleReweighter(model, optimizer, num_samples=w.x.shape[0], loss_fn=w.loss,
-                                   weight_optimizer="sgd", lookahead_lr=LOOKAHEAD_LR,
-                                   sync=sync)
+                                   weight_optimizer="sgd", weight_lr=WEIGHT_LR,
+                                   lookahead_lr=LOOKAHEAD_LR, sync=sync)
 
         def step() -> None:
             wrapper.zero_grad()

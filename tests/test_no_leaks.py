@@ -90,3 +90,20 @@ def test_no_tensor_growth_with_the_forward_mode_weight_gradient(recompute: bool)
         rw.step(w.x, w.y, idx, val=(w.x_val, w.y_val, w.g_val))
 
     assert_no_growth(step)
+
+
+def test_the_growth_measurement_sees_a_reweighter_keeping_four_bytes_a_step(
+        monkeypatch) -> None:
+    from metafair_opt.reweighting import SampleReweighter
+
+    kept = []
+    outcome = SampleReweighter._eager_outcome
+
+    def keeping(self, *args, **kwargs):
+        out = outcome(self, *args, **kwargs)
+        kept.append(out.final_loss)  # a detached float32 scalar
+        return out
+
+    monkeypatch.setattr(SampleReweighter, "_eager_outcome", keeping)
+    step, _ = make_step("reweighter", make_workload("mlp"))
+    assert live_bytes_growth(step, first=10, last=30) == 20 * 4
