@@ -252,15 +252,25 @@ def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor,
 def make_step(variant: str, w: Workload, device: torch.device | str = "cpu",
               lr: float = 1e-3) -> tuple[Callable[[], None], nn.Module]:
     """A zero-argument training step of ``variant`` on ``w`` and the model it trains."""
-    step, model, _ = _build(variant, w, device, Rates(model=lr))
-    return step, model
+    built = _build(variant, w, device, Rates(model=lr))
+    return built.step, built.model
+
+
+@dataclass
+class _Built:
+    """A variant's step, the model it trains and, for the reweighters, a reader and a writer
+    of its weight table (logits)."""
+
+    step: Callable[[], None]
+    model: nn.Module
+    table: Callable[[], Tensor] | None = None
+    set_table: Callable[[Tensor], None] | None = None
 
 
 def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
-           logits: Tensor | None = None
-           ) -> tuple[Callable[[], None], nn.Module, Callable[[], Tensor] | None]:
-    """``make_step``'s step and model at ``rates``, and for the reweighters a reader of the
-    weight table, which starts at ``logits`` (None: zeros).
+           logits: Tensor | None = None) -> _Built:
+    """``variant``'s step on ``w`` at ``rates``; a reweighter's table starts at ``logits``
+    (None: zeros).
 
     Besides :data:`VARIANTS`, ``higher_alignment_5_inner`` and ``torchfunc_alignment_5_inner``
     (the peers of ``alignment_5_inner``, which :func:`check_agreement` compares it with).
@@ -274,7 +284,7 @@ def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
             optimizer.zero_grad()
             w.loss(model(w.x), w.y).backward()
             optimizer.step()
-        return plain, model, None
+        return _Built(plain, model)
     if variant.startswith("alignment"):
         align = _alignment_step(
             w, model, optimizer, inner_lr=rates.inner,
@@ -282,18 +292,22 @@ def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
             first_order=variant.startswith("alignment_first_order"),
             compiled=variant.endswith("_compiled"),
             recompute_support=variant == "alignment_recompute")
-        return align, model, None
+        return _Built(align, model)
     if variant.startswith("reweighter"):
         reweight, rw = _reweighter_step(
             w, model, optimizer, meta_every=5 if variant == "reweighter_every_5" else 1,
             compiled=variant.endswith("_compiled"),
             recompute_forward=variant.endswith("_recompute"), weight_lr=rates.weight,
             lookahead_lr=rates.lookahead)
-        if logits is not None:
+
+        def set_logits(values: Tensor) -> None:
             state = rw.state_dict()
-            state["weights"] = logits
+            state["weights"] = values
             rw.load_state_dict(state)
-        return reweight, model, lambda: rw.weights
+
+        if logits is not None:
+            set_logits(logits)
+        return _Built(reweight, model, lambda: rw.weights, set_logits)
     table = torch.zeros(n, device=device) if logits is None else logits.to(device).clone()
     peers = {
         "higher_alignment": lambda: _higher_alignment(model, optimizer, w, rates),
@@ -306,8 +320,9 @@ def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
     }
     if variant not in peers:
         raise ValueError(f"Unknown variant {variant!r}; choose from {list(VARIANTS)}.")
-    weights = (lambda: table.clone()) if variant.endswith("reweighter") else None
-    return peers[variant](), model, weights
+    if not variant.endswith("reweighter"):
+        return _Built(peers[variant](), model)
+    return _Built(peers[variant](), model, table.clone, table.copy_)
 
 
 def make_alignment_step(w: Workload, device: torch.device | str = "cpu", lr: float = 1e-3,
@@ -385,71 +400,106 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu",
                     ) -> dict[str, float]:
     """How far each other implementation of a variant is from ours, as a relative difference.
 
-    Every implementation takes one step from the same model and, for the reweighters, the same
-    random weight logits, at rates larger than the timed runs' (inner and look-ahead rate 0.1,
-    model rate 0.1, a weight rate that moves the largest logit by 0.5) so that each part of a
-    step changes the result measurably: the second-order term, the weight update and its
-    effect on the final gradient, the optimizer step. Returns ``{"alignment vs
-    higher_alignment": ..., ...}`` for ``pairs`` (ours, its others), each the larger of the
-    model gradients' and the parameters' change's difference, as max |ours - theirs| / max
-    |ours|, and for the reweighters ``"... (weight update)"``, the same for the weight table's
-    change. NaN where ours did not change (nothing compared). A value above
-    :data:`AGREEMENT_TOLERANCE` is a bug in one of the two.
+    For each pair both implementations start from the same model and, for the reweighters,
+    the same random weight logits, and take two steps at rates larger than the timed runs'
+    (inner and look-ahead rate 0.1, model rate 0.1, a weight rate that moves the largest logit
+    by 0.5) so that each part of a step changes the result measurably: the second-order term,
+    the weight update and its effect on the final gradient, the optimizer step. Before the
+    second step the other implementation is given our parameters, buffers and weight table:
+    at these rates its own would have drifted from ours by the first step's rounding, amplified
+    (on W2, float32, the compiled steps' 1e-6 became 2e-3 in one step), and the second step
+    still sees what goes wrong only from a second call (a recompiled graph, stale state). The
+    first call of a compiled step is the one the library itself checks against the eager step.
 
-    One step, not more: at these rates a second step's gradients amplify the first step's
-    rounding differences (in float32 on W2, the compiled steps' 1e-6 became 2e-3), while one
-    step already sees a missing or repeated optimizer step (in the parameters' change) and the
-    weight table's update (in the final gradient and the table).
+    Returns ``{"alignment vs higher_alignment": ..., ...}`` for ``pairs`` (ours, its others):
+    the largest over the two steps of the model gradients' difference (each parameter's
+    against its own largest entry, or 1 % of the largest of all where that is more) and of the
+    parameters' change's (against the largest change), and for the reweighters ``"...
+    (weight update)"``, the weight table's change's. NaN where ours did not change (nothing
+    compared). A value above :data:`AGREEMENT_TOLERANCE` is a bug in one of the two.
+
+    Not compared: buffers (BatchNorm's running statistics: the peers, as written with
+    ``higher`` and by hand, also update them in their look-ahead and validation forwards,
+    which ours do not), and ``reweighter_every_5``, which has no peer.
     """
     device = torch.device(device)
     logits = torch.randn(w.x.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
     rates = Rates(inner=0.1, lookahead=0.1, weight=1.0, model=0.1)
     rates = replace(rates, weight=_weight_rate(w, device, rates, logits))
-
-    def outcome(variant: str) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        step, model, weights = _build(variant, w, device, rates, logits)
-        start = [p.detach().clone() for p in model.parameters()]
-        with _exact_float32():
-            step()
-        return ([p.grad.detach().clone() for p in model.parameters()],
-                [p.detach() - s for p, s in zip(model.parameters(), start)],
-                None if weights is None else weights() - logits)
-
-    report = {}
+    report: dict[str, float] = {}
     for ours, others in pairs:
-        grads, moves, table_change = outcome(ours)
         for other in others:
-            their_grads, their_moves, their_change = outcome(other)
-            report[f"{ours} vs {other}"] = max(
-                _relative_difference(grads, their_grads),
-                _relative_difference(moves, their_moves), key=_nan_first)
-            if table_change is not None and their_change is not None:
-                report[f"{ours} vs {other} (weight update)"] = _relative_difference(
-                    [table_change], [their_change])
+            reference, candidate = (_build(v, w, device, rates, logits) for v in (ours, other))
+            model_gaps, table_gaps = [], []
+            for step in (1, 2):
+                if step == 2:
+                    _copy_state(reference, candidate)
+                (grads, moves, change), (their_grads, their_moves, their_change) = (
+                    _one_step(built, device) for built in (reference, candidate))
+                model_gaps += [_relative_difference(grads, their_grads, per_tensor=True),
+                               _relative_difference(moves, their_moves)]
+                if change is not None and their_change is not None:
+                    table_gaps.append(_relative_difference([change], [their_change]))
+            report[f"{ours} vs {other}"] = max(model_gaps, key=_nan_first)
+            if table_gaps:
+                report[f"{ours} vs {other} (weight update)"] = max(table_gaps, key=_nan_first)
     return report
+
+
+def _one_step(built: _Built, device: torch.device
+              ) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    """One step of ``built``: the model gradients, the parameters' change and the weight
+    table's change (None without a table)."""
+    params = list(built.model.parameters())
+    start = [p.detach().clone() for p in params]
+    table = None if built.table is None else built.table()
+    with _exact_float32(device):
+        built.step()
+    return ([p.grad.detach().clone() for p in params],
+            [p.detach() - s for p, s in zip(params, start)],
+            None if built.table is None or table is None else built.table() - table)
+
+
+def _copy_state(source: _Built, target: _Built) -> None:
+    """``source``'s parameters, buffers and weight table into ``target``."""
+    with torch.no_grad():
+        for mine, theirs in ((source.model.parameters(), target.model.parameters()),
+                             (source.model.buffers(), target.model.buffers())):
+            for a, b in zip(mine, theirs, strict=True):
+                b.copy_(a)
+    if source.table is not None and target.set_table is not None:
+        target.set_table(source.table())
 
 
 def _weight_rate(w: Workload, device: torch.device, rates: Rates, logits: Tensor) -> float:
     """The weight rate at which our reweighter's first update moves the largest logit by
     :data:`_CHECK_LOGIT_STEP` (an SGD update is proportional to its rate)."""
-    step, _, weights = _build("reweighter", w, device, replace(rates, weight=1.0), logits)
-    with _exact_float32():
-        step()
-    assert weights is not None
-    largest = float((weights() - logits).abs().max())
+    built = _build("reweighter", w, device, replace(rates, weight=1.0), logits)
+    change = _one_step(built, device)[2]
+    assert change is not None
+    largest = float(change.abs().max())
     if not largest > 0:
         raise ImplementationsDisagree(
-            f"{w.name}: our reweighter's weight update is {largest} at weight rate 1: the "
-            "agreement check would compare nothing.")
+            f"{w.name}: our reweighter's weight update is {largest} at weight rate 1, so the "
+            "agreement check would compare no weight update. The meta-gradient vanished: the "
+            "workload's validation batch needs two groups whose losses differ.")
     return _CHECK_LOGIT_STEP / largest
 
 
-def _relative_difference(ours: Sequence[Tensor], theirs: Sequence[Tensor]) -> float:
-    """max |ours - theirs| / max |ours|, each over all the tensors (NaN where either holds a
-    NaN or both are zero; inf where only ours are)."""
-    scale = torch.stack([a.abs().max() for a in ours]).max()  # unlike Python's max, NaN wins
-    gap = torch.stack([(a - b.to(a)).abs().max() for a, b in zip(ours, theirs, strict=True)])
-    return float(gap.max() / scale)
+def _relative_difference(ours: Sequence[Tensor], theirs: Sequence[Tensor],
+                         per_tensor: bool = False) -> float:
+    """max |ours - theirs| / max |ours| over all the tensors, or with ``per_tensor`` the
+    largest of each pair's difference against its own largest entry, or 1 % of the largest of
+    all where that is more (float32 rounding in the larger tensors would dominate below it).
+
+    NaN where either holds a NaN or both are zero, inf where only ours are zero.
+    """
+    largest = torch.stack([a.abs().max() for a in ours])  # unlike Python's max, NaN wins
+    gaps = torch.stack([(a - b.to(a)).abs().max() for a, b in zip(ours, theirs, strict=True)])
+    scale = largest.max()
+    if per_tensor:
+        return float((gaps / torch.maximum(largest, 0.01 * scale)).max())
+    return float(gaps.max() / scale)
 
 
 def _nan_first(value: float) -> tuple[bool, float]:
@@ -458,15 +508,22 @@ def _nan_first(value: float) -> tuple[bool, float]:
 
 
 @contextmanager
-def _exact_float32() -> Iterator[None]:
-    """TensorFloat-32 off (CUDA's cuDNN allows it by default): with its 10-bit mantissa,
-    implementations that order the same products differently disagree by about 1e-3."""
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def _exact_float32(device: torch.device) -> Iterator[None]:
+    """On CUDA, float32 matrix products and convolutions in full precision (cuDNN allows
+    TensorFloat-32 by default): with its 10-bit mantissa, implementations that order the
+    same products differently disagree by about 1e-3."""
+    if device.type != "cuda":
+        yield
+        return
+    settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [s.fp32_precision for s in settings]
+    for s in settings:
+        s.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        for s, value in zip(settings, before):
+            s.fp32_precision = value
 
 
 def _sync(device: torch.device) -> None:
@@ -633,9 +690,9 @@ def live_bytes_growth(step: Callable[[], None], first: int = 10, last: int = 200
     one step to the next, tensors growing in place).
 
     On CUDA the caching allocator's statistics (``torch.cuda.memory_allocated``) give the
-    bytes; on the CPU the running sum of ``torch.profiler``'s allocation and free records,
-    recorded from the first call on, at the end of the two calls (each followed by a garbage
-    collection, so that what it frees counts).
+    bytes, of the device's tensors only; on the CPU the running sum of ``torch.profiler``'s
+    allocation and free records, recorded from the first call on, at the end of the two calls
+    (each followed by a garbage collection, so that what it frees counts).
     """
     device = torch.device(device)
     if not 0 < first < last:
@@ -720,13 +777,13 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
     (:func:`time_pairwise`), with as many repeats again per pair.
     """
     device = torch.device(device)
-    records: list[dict[str, Any]] = []
-    for name in workloads:
-        w = make_workload(name, device)
+    workloads = list(workloads)
+    agreements = {}
+    for name in workloads:  # every workload's, before anything is measured
         if progress:
             progress(f"{name}: checking that every implementation agrees")
-        agreement = check_agreement(w, device)
-        disagreeing = {pair: gap for pair, gap in agreement.items()
+        agreements[name] = check_agreement(make_workload(name, device), device)
+        disagreeing = {pair: gap for pair, gap in agreements[name].items()
                        if not gap <= AGREEMENT_TOLERANCE}  # NaN: nothing was compared
         if disagreeing:
             listed = "; ".join(f"{pair}: {gap:.3g}" for pair, gap in disagreeing.items())
@@ -735,6 +792,9 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
                 f"above {AGREEMENT_TOLERANCE:g}): {listed}. Nothing was timed: a peer that "
                 "disagrees is a bug to fix in the benchmark (or in our step), not a row to "
                 "publish.")
+    records: list[dict[str, Any]] = []
+    for name in workloads:
+        w = make_workload(name, device)
         # Memory first (fresh processes): should one fail, no timing is lost.
         if progress:
             progress(f"{name}: measuring each variant's memory in a fresh process")
@@ -768,7 +828,7 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
                 "peak_live_mb": significant(memories[variant]["peak_live_mb"]),
                 "peak_rss_mb": significant(memories[variant]["peak_rss_mb"]),
             })
-        for pair, gap in agreement.items():
+        for pair, gap in agreements[name].items():
             records.append({"workload": name, "check": pair, "relative_difference": gap})
     return records
 

@@ -342,10 +342,10 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
-            "Agreement before timing (two steps each from the same start, at larger rates "
+            "Agreement before timing (one step each from the same start, at larger rates "
             "than the timed runs'; `metafair_opt.benchmark.check_agreement`): max |ours - "
-            "theirs| / max |ours| over the second step's model gradients and the parameters' "
-            "change, or for \"(weight update)\" the weight table's change; a run stops above "
+            "theirs| / max |ours| over the model gradients and the parameters' change, or for "
+            "\"(weight update)\" the weight table's change; a run stops above "
             f"{AGREEMENT_TOLERANCE:g}:\n\n"
             f"{markdown_table(agreement)}\n")
         print(f"wrote {args.out / 'results.csv'} and results.md", file=sys.stderr)
@@ -408,7 +408,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_output_folder(out: Path) -> None:
     """Refuse an ``--out`` folder that cannot be written before any work (so that a bad path
-    costs no results); nothing is created until there are results to write."""
+    costs no results); nothing is created until there are results to write. Under torchrun
+    only rank 0 writes, and checks."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        _check_writable(out)
+    except OSError as error:  # e.g. a folder on the way that cannot be searched
+        raise ValueError(f"Cannot use the --out folder {out}: {error.strerror}.") from error
+
+
+def _check_writable(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"--out {out} is a file; pass a folder to write the results into.")

@@ -59,6 +59,7 @@ def _first_order_peer(model, optimizer, w, rates, steps=1):
 
 
 _REAL_HIGHER_ALIGNMENT = bench._higher_alignment
+_REAL_TORCHFUNC_ALIGNMENT = bench._torchfunc_alignment
 _REAL_TORCHFUNC_REWEIGHTER = bench._torchfunc_reweighter
 
 
@@ -94,12 +95,27 @@ def _stale_weights_peer(model, optimizer, w, table, rates):
     return with_stale_weights
 
 
+def _wrong_from_the_second_call(model, optimizer, w, rates, steps=1):
+    """The hand-written alignment step whose inner rate doubles from its second call on."""
+    first = _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps)
+    later = _REAL_TORCHFUNC_ALIGNMENT(
+        model, optimizer, w, bench.Rates(inner=2 * rates.inner, lookahead=rates.lookahead,
+                                         weight=rates.weight, model=rates.model), steps)
+    calls = []
+
+    def step() -> None:
+        calls.append(1)
+        (first if len(calls) == 1 else later)()
+    return step
+
+
 @pytest.mark.parametrize("broken, peer, pair", [
     (_first_order_peer, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
     (_first_order_peer, "_torchfunc_alignment",
      ("alignment_5_inner", "torchfunc_alignment_5_inner")),
     (_peer_without_optimizer_step, "_higher_alignment", ("alignment", "higher_alignment")),
     (_stale_weights_peer, "_torchfunc_reweighter", ("reweighter", "torchfunc_reweighter")),
+    (_wrong_from_the_second_call, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
 ])
 def test_the_agreement_check_finds_a_peer_that_computes_another_step(
         monkeypatch, broken, peer, pair) -> None:
@@ -144,17 +160,43 @@ def test_the_suite_times_nothing_when_memory_cannot_be_measured(monkeypatch) -> 
     def timed(*args, **kwargs):
         raise AssertionError("timed before the memory was measured")
 
+    def failing(workload, variant, *args):
+        raise RuntimeError(f"no memory figure for {variant}")
+
     monkeypatch.setattr(bench, "check_agreement", lambda w, device: {})
     monkeypatch.setattr(bench, "time_interleaved", timed)
-    monkeypatch.setattr(bench, "VARIANTS", ("plain", "no_such_variant"))
-    with pytest.raises(RuntimeError) as error:
+    monkeypatch.setattr(bench, "step_peak_memory_mb", failing)
+    with pytest.raises(RuntimeError, match="no memory figure for plain"):
         bench.run_suite(["mlp"])
+
+
+def test_a_failed_memory_process_shows_its_error() -> None:
+    with pytest.raises(RuntimeError) as error:
+        bench.step_peak_memory_mb("mlp", "no_such_variant")
     message = str(error.value)
     assert message.startswith("Measuring the memory of mlp's 'no_such_variant' step in a "
-                               "fresh process failed (exit status 1); its error output ends "
-                               "with:\n")
-    assert message.rstrip().endswith(  # the child's own error (it knows every variant)
+                              "fresh process failed (exit status 1); its error output ends "
+                              "with:\n")
+    assert message.rstrip().endswith(
         f"ValueError: Unknown variant 'no_such_variant'; choose from {list(VARIANTS)}.")
+
+
+def test_every_workload_is_checked_before_any_is_measured(monkeypatch) -> None:
+    def measured(*args, **kwargs):
+        raise AssertionError("measured although a workload's implementations disagree")
+
+    checked = []
+
+    def check(w, device):
+        checked.append(w.name)
+        return {"alignment vs higher_alignment": 0.5 if w.name == "resnet18" else 0.0}
+
+    monkeypatch.setattr(bench, "check_agreement", check)
+    monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
+    monkeypatch.setattr(bench, "time_interleaved", measured)
+    with pytest.raises(ImplementationsDisagree, match=r"^resnet18: implementations"):
+        bench.run_suite(["mlp", "resnet18"])
+    assert checked == ["mlp", "resnet18"]
 
 
 @pytest.mark.parametrize("threads", ["0", "-1", "two"])
@@ -187,6 +229,25 @@ def test_a_file_as_the_output_folder_fails_before_any_work(monkeypatch, capsys,
     assert not (tmp_path / "new").exists()  # a failed run creates nothing
 
 
+def test_an_output_folder_without_write_permission_fails_before_any_work(
+        monkeypatch, capsys, tmp_path) -> None:
+    import metafair_opt.cli as cli
+
+    monkeypatch.setattr(bench, "run_suite", lambda *args, **kwargs: pytest.fail("ran"))
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # tests run as root
+    assert main(["bench", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"metafair-opt: error: Cannot write into the --out folder {tmp_path}: permission "
+        "denied.")
+    assert main(["bench", "--out", str(tmp_path / "a" / "b")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"metafair-opt: error: Cannot create the --out folder {tmp_path / 'a' / 'b'}: no "
+        f"permission to write in {tmp_path}.")
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 writes, and checks
+    monkeypatch.setattr(cli, "_bench", lambda args, command: 0)
+    assert main(["bench", "--out", str(tmp_path)]) == 0
+
+
 def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> None:
     assert main(["bench", "--workload", "mlp", "--quick", "--format", "json", "--pairwise",
                  "--out", str(tmp_path)]) == 0
@@ -204,6 +265,7 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     assert "ratio_to_plain_pairwise" in markdown
     assert "CPU cores" in markdown and "torch " in markdown
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
+    assert "Agreement before timing (one step each from the same start" in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
         "workload,variant,median_ms,ratio_to_plain,ratio_to_plain_pairwise,peak_live_mb,"
         "peak_rss_mb")
