@@ -401,15 +401,16 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu",
     """How far each other implementation of a variant is from ours, as a relative difference.
 
     For each pair both implementations start from the same model and, for the reweighters,
-    the same random weight logits, and take two steps at rates larger than the timed runs'
-    (inner and look-ahead rate 0.1, model rate 0.1, a weight rate that moves the largest logit
-    by 0.5) so that each part of a step changes the result measurably: the second-order term,
-    the weight update and its effect on the final gradient, the optimizer step. Before the
-    second step the other implementation is given our parameters, buffers and weight table:
-    at these rates its own would have drifted from ours by the first step's rounding, amplified
-    (on W2, float32, the compiled steps' 1e-6 became 2e-3 in one step), and the second step
-    still sees what goes wrong only from a second call (a recompiled graph, stale state). The
-    first call of a compiled step is the one the library itself checks against the eager step.
+    the same random weight logits, and take a step at rates larger than the timed runs' (inner
+    and look-ahead rate 0.1, model rate 0.1, a weight rate that moves the largest logit by 0.5)
+    so that each part of a step changes the result measurably: the second-order term, the
+    weight update and its effect on the final gradient, the optimizer step. Then both are put
+    back to that start (parameters, buffers, weight table) and take their second step, which
+    sees what goes wrong only from a second call (a recompiled graph, stale state; the first
+    call of a compiled step is the one the library itself checks against the eager step). From
+    where the first step leads instead, float32 rounding would decide the comparison: on W2,
+    after a step at model rate 0.1, identical states gave differences of up to 2.5e-2 in the
+    smallest parameters' gradients, against 2e-5 at the start.
 
     Returns ``{"alignment vs higher_alignment": ..., ...}`` for ``pairs`` (ours, its others):
     the largest over the two steps of the model gradients' difference (each parameter's
@@ -430,10 +431,12 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu",
     for ours, others in pairs:
         for other in others:
             reference, candidate = (_build(v, w, device, rates, logits) for v in (ours, other))
+            start = _state_of(reference)
             model_gaps, table_gaps = [], []
             for step in (1, 2):
                 if step == 2:
-                    _copy_state(reference, candidate)
+                    _restore(reference, start)
+                    _restore(candidate, start)
                 (grads, moves, change), (their_grads, their_moves, their_change) = (
                     _one_step(built, device) for built in (reference, candidate))
                 model_gaps += [_relative_difference(grads, their_grads, per_tensor=True),
@@ -460,15 +463,23 @@ def _one_step(built: _Built, device: torch.device
             None if built.table is None or table is None else built.table() - table)
 
 
-def _copy_state(source: _Built, target: _Built) -> None:
-    """``source``'s parameters, buffers and weight table into ``target``."""
+def _state_of(built: _Built) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
+    """Copies of ``built``'s parameters, buffers and weight table (None without one)."""
+    return ([p.detach().clone() for p in built.model.parameters()],
+            [b.detach().clone() for b in built.model.buffers()],
+            None if built.table is None else built.table())
+
+
+def _restore(built: _Built, state: tuple[list[Tensor], list[Tensor], Tensor | None]) -> None:
+    """Put ``state`` (from :func:`_state_of`, of this or an identical model) into ``built``."""
+    params, buffers, table = state
     with torch.no_grad():
-        for mine, theirs in ((source.model.parameters(), target.model.parameters()),
-                             (source.model.buffers(), target.model.buffers())):
-            for a, b in zip(mine, theirs, strict=True):
-                b.copy_(a)
-    if source.table is not None and target.set_table is not None:
-        target.set_table(source.table())
+        for mine, saved in ((built.model.parameters(), params),
+                            (built.model.buffers(), buffers)):
+            for a, b in zip(mine, saved, strict=True):
+                a.copy_(b)
+    if table is not None and built.set_table is not None:
+        built.set_table(table)
 
 
 def _weight_rate(w: Workload, device: torch.device, rates: Rates, logits: Tensor) -> float:
