@@ -9,7 +9,6 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import metafair_opt.benchmark as bench
 from metafair_opt.benchmark import (
@@ -38,29 +37,24 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
         assert value < 1e-5, (key, value)  # float32 rounding; NaN fails too
 
 
-def _first_order_peer(model, optimizer, w, rates, steps=1):
-    """The hand-written alignment step without create_graph: the first-order step."""
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-    xs, ys, xq, yq = w.sets()
-
-    def step() -> None:
-        optimizer.zero_grad()
-        fast = params
-        for _ in range(steps):
-            out = functional_call(model, dict(zip(names, fast)), (xs,))
-            grads = torch.autograd.grad(w.loss(out, ys), fast)
-            fast = [p - rates.inner * g for p, g in zip(fast, grads)]
-        query = w.loss(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
-        for p, g in zip(params, torch.autograd.grad(query, params)):
-            p.grad = g
-        optimizer.step()
-    return step
-
-
 _REAL_HIGHER_ALIGNMENT = bench._higher_alignment
 _REAL_TORCHFUNC_ALIGNMENT = bench._torchfunc_alignment
 _REAL_TORCHFUNC_REWEIGHTER = bench._torchfunc_reweighter
+
+
+def _first_order_peer(model, optimizer, w, rates, steps=1):
+    """The hand-written alignment step with its inner gradients taken without a graph: the
+    first-order step."""
+    step = _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps)
+    grad = torch.autograd.grad
+
+    def without_graph(*args, **kwargs):
+        return grad(*args, **{**kwargs, "create_graph": False})
+
+    def first_order() -> None:
+        with patch.object(torch.autograd, "grad", without_graph):
+            step()
+    return first_order
 
 
 def _peer_without_optimizer_step(model, optimizer, w, rates, steps=1):
