@@ -7,7 +7,8 @@
     metafair-opt datasets
     metafair-opt vision --dataset colored-digits --method forml --seeds 0,1,2
 
-A bad argument or a missing data set ends with exit status 2 and one line saying what is wrong.
+A bad argument or a missing data set ends with exit status 2 and one line saying what is wrong;
+``bench`` ends with exit status 1 where two implementations of a step disagree.
 """
 
 from __future__ import annotations
@@ -342,11 +343,11 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
-            "Agreement before timing (one step each from the same start, at larger rates "
-            "than the timed runs'; `metafair_opt.benchmark.check_agreement`): max |ours - "
-            "theirs| / max |ours| over the model gradients and the parameters' change, or for "
-            "\"(weight update)\" the weight table's change; a run stops above "
-            f"{AGREEMENT_TOLERANCE:g}:\n\n"
+            "Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
+            "each, both from the same start, at larger rates than the timed runs'): max |ours "
+            "- theirs| / max |ours| over the model gradients (per parameter) and the "
+            "parameters' change, or for \"(weight update)\" the weight table's change, the "
+            f"larger of the two steps'; a run stops above {AGREEMENT_TOLERANCE:g}:\n\n"
             f"{markdown_table(agreement)}\n")
         print(f"wrote {args.out / 'results.csv'} and results.md", file=sys.stderr)
     return 0

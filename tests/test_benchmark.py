@@ -259,7 +259,8 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     assert "ratio_to_plain_pairwise" in markdown
     assert "CPU cores" in markdown and "torch " in markdown
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
-    assert "Agreement before timing (one step each from the same start" in markdown
+    assert ("Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
+            "each, both from the same start") in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
         "workload,variant,median_ms,ratio_to_plain,ratio_to_plain_pairwise,peak_live_mb,"
         "peak_rss_mb")
