@@ -27,7 +27,6 @@ after one warm-up step: the step's peak of live tensor bytes above those live be
 from __future__ import annotations
 
 import gc
-import math
 import random
 import statistics
 import time
@@ -443,9 +442,11 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu",
                                _relative_difference(moves, their_moves)]
                 if change is not None and their_change is not None:
                     table_gaps.append(_relative_difference([change], [their_change]))
-            report[f"{ours} vs {other}"] = max(model_gaps, key=_nan_first)
+            # torch's max, not Python's: a NaN wins.
+            report[f"{ours} vs {other}"] = float(torch.tensor(model_gaps).max())
             if table_gaps:
-                report[f"{ours} vs {other} (weight update)"] = max(table_gaps, key=_nan_first)
+                report[f"{ours} vs {other} (weight update)"] = float(
+                    torch.tensor(table_gaps).max())
     return report
 
 
@@ -511,11 +512,6 @@ def _relative_difference(ours: Sequence[Tensor], theirs: Sequence[Tensor],
     if per_tensor:
         return float((gaps / torch.maximum(largest, 0.01 * scale)).max())
     return float(gaps.max() / scale)
-
-
-def _nan_first(value: float) -> tuple[bool, float]:
-    """A sort key under which NaN is the largest value."""
-    return (math.isnan(value), value)
 
 
 @contextmanager
@@ -788,12 +784,12 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
     (:func:`time_pairwise`), with as many repeats again per pair.
     """
     device = torch.device(device)
-    workloads = list(workloads)
+    workloads = {name: make_workload(name, device) for name in workloads}
     agreements = {}
-    for name in workloads:  # every workload's, before anything is measured
+    for name, w in workloads.items():  # every workload's, before anything is measured
         if progress:
             progress(f"{name}: checking that every implementation agrees")
-        agreements[name] = check_agreement(make_workload(name, device), device)
+        agreements[name] = check_agreement(w, device)
         disagreeing = {pair: gap for pair, gap in agreements[name].items()
                        if not gap <= AGREEMENT_TOLERANCE}  # NaN: nothing was compared
         if disagreeing:
@@ -804,8 +800,7 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
                 "disagrees is a bug to fix in the benchmark (or in our step), not a row to "
                 "publish.")
     records: list[dict[str, Any]] = []
-    for name in workloads:
-        w = make_workload(name, device)
+    for name, w in workloads.items():
         # Memory first (fresh processes): should one fail, no timing is lost.
         if progress:
             progress(f"{name}: measuring each variant's memory in a fresh process")
