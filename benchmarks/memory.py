@@ -21,15 +21,17 @@ from metafair_opt.benchmark import (
     significant,
     step_peak_memory_mb,
 )
+from metafair_opt.cli import _positive_int
 from metafair_opt.reporting import markdown_table
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", default="resnet18", choices=["mlp", "resnet18"])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # the children's count, which the header reports
     rows = []
     for variant in VARIANTS:
         memory = step_peak_memory_mb(args.workload, variant, args.threads)
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         frame[column] = frame[column].map(significant)
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Command: `{command.strip()}`\n\nMachine: {machine_description()}\n\n"
-            f"Workload: {args.workload}\n\n{markdown_table(frame)}\n")
+            f"Workload: {args.workload}; memory in MB of 2**20 bytes (MiB)\n\n"
+            f"{markdown_table(frame)}\n")
     print(text)
     if args.out is not None:
         args.out.write_text(text)

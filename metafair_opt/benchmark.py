@@ -27,6 +27,7 @@ after one warm-up step: the step's peak of live tensor bytes above those live be
 from __future__ import annotations
 
 import gc
+import math
 import random
 import statistics
 import time
@@ -48,6 +49,7 @@ from metafair_opt.reweighting import SampleReweighter
 __all__ = [
     "AGREEMENT_PAIRS",
     "AGREEMENT_TOLERANCE",
+    "CYCLE_STEPS",
     "VARIANTS",
     "WORKLOADS",
     "ImplementationsDisagree",
@@ -61,6 +63,7 @@ __all__ = [
     "make_step",
     "make_workload",
     "peak_live_mb",
+    "peak_rss_mb",
     "significant",
     "step_peak_memory_mb",
     "time_interleaved",
@@ -68,16 +71,19 @@ __all__ = [
 ]
 
 WORKLOADS = ("mlp", "resnet18")
-#: Steps one timed call performs, for the variants that perform more than one (amortised).
-_STEPS_PER_CALL = {"reweighter_every_5": 5}
+#: Steps making one cycle of a variant whose steps differ (amortised over the cycle): one
+#: weight update and four plain weighted steps.
+CYCLE_STEPS = {"reweighter_every_5": 5}
 #: Fresh processes measuring memory at once: each measures only itself (its own RSS, its own
 #: allocator), so they need not wait for one another.
 MEMORY_PROCESSES = 2
 VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
-    "torchfunc_reweighter", "alignment_compiled", "alignment_first_order_compiled",
-    "reweighter_compiled", "alignment_recompute", "reweighter_recompute",
+    "torchfunc_reweighter", "higher_alignment_first_order", "torchfunc_alignment_first_order",
+    "higher_alignment_5_inner", "torchfunc_alignment_5_inner", "alignment_compiled",
+    "alignment_first_order_compiled", "reweighter_compiled", "alignment_recompute",
+    "reweighter_recompute",
 )
 INNER_LR = 0.01
 LOOKAHEAD_LR = 0.01
@@ -155,26 +161,34 @@ def make_workload(name: str, device: torch.device | str = "cpu") -> Workload:
 
 
 # ------------------------------------------------------------------------------- peers
-def _higher_alignment(model, optimizer, w: Workload, rates: Rates,
-                      steps: int = 1) -> Callable[[], None]:
+def _higher_alignment(model, optimizer, w: Workload, rates: Rates, steps: int = 1,
+                      first_order: bool = False) -> Callable[[], None]:
     import higher
 
     inner = torch.optim.SGD(model.parameters(), lr=rates.inner)
     xs, ys, xq, yq = w.sets()
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
         optimizer.zero_grad()
         with higher.innerloop_ctx(model, inner, copy_initial_weights=False,
-                                  track_higher_grads=True) as (fmodel, diffopt):
+                                  track_higher_grads=not first_order) as (fmodel, diffopt):
             for _ in range(steps):
                 diffopt.step(w.loss(fmodel(xs), ys))
-            w.loss(fmodel(xq), yq).backward()
+            query = w.loss(fmodel(xq), yq)
+            if first_order:
+                # Untracked, the adapted weights are new leaves: their gradient is the step's.
+                adapted = [p for p in fmodel.parameters() if p.requires_grad]
+                for p, g in zip(params, torch.autograd.grad(query, adapted)):
+                    p.grad = g
+            else:
+                query.backward()
         optimizer.step()
     return step
 
 
-def _torchfunc_alignment(model, optimizer, w: Workload, rates: Rates,
-                         steps: int = 1) -> Callable[[], None]:
+def _torchfunc_alignment(model, optimizer, w: Workload, rates: Rates, steps: int = 1,
+                         first_order: bool = False) -> Callable[[], None]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     xs, ys, xq, yq = w.sets()
@@ -185,7 +199,9 @@ def _torchfunc_alignment(model, optimizer, w: Workload, rates: Rates,
         fast = params
         for _ in range(steps):
             out = functional_call(model, ({**dict(zip(names, fast)), **buffers}), (xs,))
-            grads = torch.autograd.grad(w.loss(out, ys), fast, create_graph=True)
+            # First order: inner gradients without a graph, so the adapted parameters move
+            # with the originals one for one and the query gradient is taken at them.
+            grads = torch.autograd.grad(w.loss(out, ys), fast, create_graph=not first_order)
             fast = [p - rates.inner * g for p, g in zip(fast, grads)]
         query = w.loss(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
         for p, g in zip(params, torch.autograd.grad(query, params)):
@@ -237,7 +253,9 @@ def _torchfunc_reweighter(model, optimizer, w: Workload, table: Tensor,
         fast = {n: p - rates.lookahead * g for n, p, g in zip(names, params, grads)}
         val = functional_call(model, {**fast, **buffers}, (w.x_val,))
         meta = mean_loss_discrepancy(w.loss(val, w.y_val, reduction="none"), w.g_val)
-        (grad,) = torch.autograd.grad(meta, logits, retain_graph=True)
+        # No retain_graph: the training forward's graph, which the final gradient needs, is
+        # not on the meta-gradient's path, and the rest is freed as in ours and higher's.
+        (grad,) = torch.autograd.grad(meta, logits)
         with torch.no_grad():
             table.sub_(grad, alpha=rates.weight)
         final = (torch.softmax(table, 0) * losses).sum()
@@ -268,12 +286,8 @@ class _Built:
 
 def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
            logits: Tensor | None = None) -> _Built:
-    """``variant``'s step on ``w`` at ``rates``; a reweighter's table starts at ``logits``
-    (None: zeros).
-
-    Besides :data:`VARIANTS`, ``higher_alignment_5_inner`` and ``torchfunc_alignment_5_inner``
-    (the peers of ``alignment_5_inner``, which :func:`check_agreement` compares it with).
-    """
+    """``variant`` (one of :data:`VARIANTS`)'s step on ``w`` at ``rates``; a reweighter's
+    table starts at ``logits`` (None: zeros)."""
     device = torch.device(device)
     model = w.model(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=rates.model)
@@ -311,9 +325,13 @@ def _build(variant: str, w: Workload, device: torch.device | str, rates: Rates,
     peers = {
         "higher_alignment": lambda: _higher_alignment(model, optimizer, w, rates),
         "higher_alignment_5_inner": lambda: _higher_alignment(model, optimizer, w, rates, 5),
+        "higher_alignment_first_order": lambda: _higher_alignment(model, optimizer, w, rates,
+                                                                  first_order=True),
         "torchfunc_alignment": lambda: _torchfunc_alignment(model, optimizer, w, rates),
         "torchfunc_alignment_5_inner": lambda: _torchfunc_alignment(model, optimizer, w,
                                                                     rates, 5),
+        "torchfunc_alignment_first_order": lambda: _torchfunc_alignment(
+            model, optimizer, w, rates, first_order=True),
         "higher_reweighter": lambda: _higher_reweighter(model, optimizer, w, table, rates),
         "torchfunc_reweighter": lambda: _torchfunc_reweighter(model, optimizer, w, table, rates),
     }
@@ -379,7 +397,9 @@ def _reweighter_step(w: Workload, model: nn.Module, optimizer: torch.optim.Optim
 AGREEMENT_PAIRS = (
     ("alignment", ("higher_alignment", "torchfunc_alignment", "alignment_compiled",
                    "alignment_recompute")),
-    ("alignment_first_order", ("alignment_first_order_compiled",)),
+    ("alignment_first_order", ("higher_alignment_first_order",
+                               "torchfunc_alignment_first_order",
+                               "alignment_first_order_compiled")),
     ("alignment_5_inner", ("higher_alignment_5_inner", "torchfunc_alignment_5_inner")),
     ("reweighter", ("higher_reweighter", "torchfunc_reweighter", "reweighter_compiled",
                     "reweighter_recompute")),
@@ -425,7 +445,8 @@ def check_agreement(w: Workload, device: torch.device | str = "cpu",
     device = torch.device(device)
     logits = torch.randn(w.x.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
     rates = Rates(inner=0.1, lookahead=0.1, weight=1.0, model=0.1)
-    rates = replace(rates, weight=_weight_rate(w, device, rates, logits))
+    if any(ours.startswith("reweighter") for ours, _ in pairs):
+        rates = replace(rates, weight=_weight_rate(w, device, rates, logits))
     report: dict[str, float] = {}
     for ours, others in pairs:
         for other in others:
@@ -490,11 +511,15 @@ def _weight_rate(w: Workload, device: torch.device, rates: Rates, logits: Tensor
     change = _one_step(built, device)[2]
     assert change is not None
     largest = float(change.abs().max())
-    if not largest > 0:
-        raise ImplementationsDisagree(
-            f"{w.name}: our reweighter's weight update is {largest} at weight rate 1, so the "
-            "agreement check would compare no weight update. The meta-gradient vanished: the "
-            "workload's validation batch needs two groups whose losses differ.")
+    if not math.isfinite(largest):
+        raise RuntimeError(
+            f"{w.name}: our reweighter's weight update at weight rate 1 is not finite "
+            f"({largest}), so the agreement check cannot scale its weight rate.")
+    if largest == 0:
+        raise RuntimeError(
+            f"{w.name}: our reweighter's weight update is 0 at weight rate 1, so the agreement "
+            "check would compare no weight update. The meta-gradient vanished: the workload's "
+            "validation batch needs two groups whose losses differ.")
     return _CHECK_LOGIT_STEP / largest
 
 
@@ -540,36 +565,44 @@ def _sync(device: torch.device) -> None:
 
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3,
                      device: torch.device | str = "cpu",
-                     per_call: dict[str, int] | None = None) -> dict[str, float]:
-    """Median milliseconds per step of each callable, interleaved in one process.
+                     cycles: dict[str, int] | None = None) -> dict[str, float]:
+    """Median milliseconds per step of each callable (one step per call), interleaved in one
+    process.
 
     Every round runs each callable once, in an order shuffled afresh (seeded) for every round:
     in a fixed order each variant always follows the same one and inherits its traces (caches,
-    freed memory), which measurably favoured some variants over others. ``per_call`` says how
-    many steps one call performs (for amortised variants).
+    freed memory), which measurably favoured some variants over others. ``cycles`` names the
+    callables whose steps differ in a cycle of k (``reweighter_every_5``: a weight update,
+    then four plain weighted steps): each round runs them k times, each call in its own place
+    of the shuffled order (k calls in a row would run beside themselves, which makes a step
+    cheaper), and their sample is the cycle's mean.
     """
     device = torch.device(device)
-    per_call = per_call or {}
+    cycles = cycles or {}
     for step in steps.values():
         for _ in range(warmup):
             step()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    order, shuffle = list(steps), random.Random(0).shuffle
+    order = [name for name in steps for _ in range(cycles.get(name, 1))]
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
         shuffle(order)
+        elapsed = dict.fromkeys(steps, 0.0)
         for name in order:
             step = steps[name]
             start = time.perf_counter()
             step()
             _sync(device)
-            samples[name].append((time.perf_counter() - start) * 1000 / per_call.get(name, 1))
+            elapsed[name] += time.perf_counter() - start
+        for name, seconds in elapsed.items():
+            samples[name].append(seconds * 1000 / cycles.get(name, 1))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def time_pairwise(steps: dict[str, Callable[[], None]], repeats: int, reference: str = "plain",
                   device: torch.device | str = "cpu",
-                  per_call: dict[str, int] | None = None) -> dict[str, float]:
+                  cycles: dict[str, int] | None = None) -> dict[str, float]:
     """Each callable's median time as a ratio to ``reference``'s, timed in pairs: for every
     other callable, :func:`time_interleaved` of the two alone (``reference``'s own ratio is 1).
 
@@ -583,37 +616,26 @@ def time_pairwise(steps: dict[str, Callable[[], None]], repeats: int, reference:
     for name, step in steps.items():
         if name != reference:
             medians = time_interleaved({reference: steps[reference], name: step}, repeats,
-                                       device=device, per_call=per_call)
+                                       device=device, cycles=cycles)
             ratios[name] = medians[name] / medians[reference]
     return ratios
 
 
 _MEMORY_CHILD = """
-import ctypes, gc, json, sys, torch
+import json, sys, torch
 torch.set_num_threads(int(sys.argv[3]))
-from metafair_opt.benchmark import make_step, make_workload, peak_live_mb
-def kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
+from metafair_opt.benchmark import (CYCLE_STEPS, make_step, make_workload, peak_live_mb,
+                                    peak_rss_mb)
 workload, variant, device = sys.argv[1], sys.argv[2], sys.argv[4]
 step, _ = make_step(variant, make_workload(workload, device), device)
 # One cycle of warm-up (a compiled variant compiles; any variant allocates its one-time state;
 # meta_every=5 goes round once, so each measured step below updates the weights).
-cycle = 5 if variant == "reweighter_every_5" else 1
+cycle = CYCLE_STEPS.get(variant, 1)
 for _ in range(cycle):
     step()
 peak_rss = None
 if device == "cpu":
-    # The freed memory goes back to the system, so that it can neither hide the measured
-    # step's peak nor be counted in it.
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    step()
-    peak_rss = (kb("VmHWM") - before) / 1024
+    peak_rss = peak_rss_mb(step)
     tracked = 2 * cycle - 1  # the RSS step and these: the measured step is a meta step again
 else:
     tracked = 0  # the allocator's statistics need no recorded step: the next one is measured
@@ -622,9 +644,36 @@ print(json.dumps({"peak_rss_mb": peak_rss,
 """
 
 
+def peak_rss_mb(step: Callable[[], None]) -> float:
+    """Peak resident memory during one call of ``step`` above the process's just before it
+    (MB of 2**20 bytes; Linux).
+
+    Garbage and the allocator's free memory go back to the system first (so they can neither
+    hide the step's peak nor count in it), then the kernel's peak (``VmHWM``) is reset to the
+    current resident size through ``/proc/self/clear_refs``. Meant for a fresh process, as
+    :func:`step_peak_memory_mb` runs it: in a long-lived one, memory the allocator keeps from
+    earlier work can serve the step without showing.
+    """
+    import ctypes
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak (VmHWM) to the current RSS
+    step()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
                         device: torch.device | str = "cpu") -> dict[str, float | None]:
-    """One step's peak memory above what the process held before it, in a fresh process (MB).
+    """One step's peak memory above what the process held before it, in a fresh process (MB
+    of 2**20 bytes).
 
     Returns ``{"peak_rss_mb": ..., "peak_live_mb": ...}``: the peak resident memory (Linux,
     read from /proc; None on CUDA, where the host's memory is not the step's) and the peak
@@ -653,7 +702,8 @@ def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
 
 def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cpu",
                  tracked: int = 1) -> float:
-    """Peak bytes of live tensors during one call of ``step`` above those live before it (MB).
+    """Peak bytes of live tensors during one call of ``step`` above those live before it (MB
+    of 2**20 bytes).
 
     ``step`` runs ``tracked`` times, then once more measured. On CUDA the caching allocator's
     statistics (``torch.cuda.max_memory_allocated``) give the peak. On the CPU, where torch
@@ -772,24 +822,36 @@ def _peak_in_window(events: Iterable[Any], marker: str) -> float:
 
 
 def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quick: bool = False,
-              progress: Callable[[str], None] | None = None,
-              pairwise: bool = False) -> list[dict[str, Any]]:
+              progress: Callable[[str], None] | None = None, pairwise: bool = False,
+              variants: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Check that every implementation agrees, measure memory, then time every variant of
     every workload (interleaved, one process).
 
-    Raises :class:`ImplementationsDisagree`, before measuring anything, where two
-    implementations of a step differ by more than :data:`AGREEMENT_TOLERANCE`
+    ``variants`` (None: all of :data:`VARIANTS`) picks the ones measured, the plain step
+    always among them; only the comparisons of :data:`AGREEMENT_PAIRS` that involve one of
+    them are checked. Raises :class:`ImplementationsDisagree`, before measuring anything,
+    where two implementations of a step differ by more than :data:`AGREEMENT_TOLERANCE`
     (:func:`check_agreement`). With ``pairwise``, each record also holds
     ``ratio_to_plain_pairwise``: the variant timed against the plain step alone
     (:func:`time_pairwise`), with as many repeats again per pair.
     """
+    chosen = VARIANTS
+    checked_pairs = AGREEMENT_PAIRS
+    if variants is not None:
+        wanted = set(variants)
+        unknown = sorted(wanted - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"Unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
+        chosen = tuple(v for v in VARIANTS if v in wanted or v == "plain")
+        checked_pairs = tuple((ours, kept) for ours, others in AGREEMENT_PAIRS if (kept := tuple(
+            other for other in others if ours in chosen or other in chosen)))
     device = torch.device(device)
     workloads = {name: make_workload(name, device) for name in workloads}
     agreements = {}
     for name, w in workloads.items():  # every workload's, before anything is measured
         if progress:
             progress(f"{name}: checking that every implementation agrees")
-        agreements[name] = check_agreement(w, device)
+        agreements[name] = check_agreement(w, device, checked_pairs)
         disagreeing = {pair: gap for pair, gap in agreements[name].items()
                        if not gap <= AGREEMENT_TOLERANCE}  # NaN: nothing was compared
         if disagreeing:
@@ -805,26 +867,20 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
         if progress:
             progress(f"{name}: measuring each variant's memory in a fresh process")
         with ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
-            memories = dict(zip(VARIANTS, pool.map(
-                step_peak_memory_mb, repeat(name), VARIANTS, repeat(torch.get_num_threads()),
+            memories = dict(zip(chosen, pool.map(
+                step_peak_memory_mb, repeat(name), chosen, repeat(torch.get_num_threads()),
                 repeat(device)), strict=True))
-        steps = {}
-        for variant in VARIANTS:
-            step, _ = make_step(variant, w, device)
-            calls = _STEPS_PER_CALL.get(variant, 1)
-            steps[variant] = step if calls == 1 else _repeat(step, calls)
+        steps = {variant: make_step(variant, w, device)[0] for variant in chosen}
         repeats = (10 if quick else 50) if name == "resnet18" else (30 if quick else 200)
         if progress:
             progress(f"{name}: timing {len(steps)} variants x {repeats} interleaved repeats")
-        medians = time_interleaved(steps, repeats, device=device,
-                                   per_call=_STEPS_PER_CALL)
+        medians = time_interleaved(steps, repeats, device=device, cycles=CYCLE_STEPS)
         pairs: dict[str, float] = {}
         if pairwise:
             if progress:
                 progress(f"{name}: timing each variant against the plain step alone")
-            pairs = time_pairwise(steps, repeats, device=device,
-                                  per_call=_STEPS_PER_CALL)
-        for variant in VARIANTS:
+            pairs = time_pairwise(steps, repeats, device=device, cycles=CYCLE_STEPS)
+        for variant in chosen:
             records.append({
                 "workload": name,
                 "variant": variant,
@@ -865,9 +921,3 @@ def machine_description(device: torch.device | str = "cpu") -> str:
         text += f", GPU {torch.cuda.get_device_name(device)}"
     return f"{text}; {datetime.date.today().isoformat()}"
 
-
-def _repeat(step: Callable[[], None], times: int) -> Callable[[], None]:
-    def repeated() -> None:
-        for _ in range(times):
-            step()
-    return repeated

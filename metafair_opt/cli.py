@@ -8,7 +8,8 @@
     metafair-opt vision --dataset colored-digits --method forml --seeds 0,1,2
 
 A bad argument or a missing data set ends with exit status 2 and one line saying what is wrong;
-``bench`` ends with exit status 1 where two implementations of a step disagree.
+``bench`` ends with exit status 1 and one line where two implementations of a step disagree, and
+with Python's traceback (exit status 1) where the suite itself fails.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def _ints(text: str) -> list[int]:
     except ValueError as error:
         message = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(message) from error
+
+
+def _variant_list(text: str) -> list[str]:
+    from metafair_opt.benchmark import VARIANTS
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {unknown or text!r}; choose from {', '.join(VARIANTS)}")
+    return names
 
 
 def _floats(text: str) -> list[float]:
@@ -162,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer repeats")
     bench.add_argument("--format", default="table", choices=["table", "json", "csv"])
     bench.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    bench.add_argument("--variants", type=_variant_list, default=None,
+                       help="comma-separated variants to measure (default: all; the plain "
+                            "step is always measured)")
     bench.add_argument("--pairwise", action="store_true",
                        help="also time each variant against the plain step alone (the two "
                             "in shuffled rounds): ratio_to_plain_pairwise, without the other "
@@ -300,6 +315,7 @@ def _vision(args: argparse.Namespace, command: str) -> None:
 
 
 def _bench(args: argparse.Namespace, command: str) -> int:
+    import importlib.util
     import json
 
     from metafair_opt.benchmark import (
@@ -311,6 +327,10 @@ def _bench(args: argparse.Namespace, command: str) -> int:
     )
     from metafair_opt.reporting import markdown_table
 
+    if importlib.util.find_spec("higher") is None:
+        raise ModuleNotFoundError(
+            "bench times the steps written with the higher library as peers, and higher is not "
+            "installed: pip install -e \".[dev]\" (or pip install higher==0.2.1).")
     if args.device == "cuda":
         import torch
 
@@ -320,10 +340,14 @@ def _bench(args: argparse.Namespace, command: str) -> int:
     try:
         records = run_suite(workloads, args.device, quick=args.quick,
                             progress=lambda text: print(text, file=sys.stderr),
-                            pairwise=args.pairwise)
+                            pairwise=args.pairwise, variants=args.variants)
     except ImplementationsDisagree as error:
         print(f"metafair-opt: error: {error}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError) as error:
+        # Not a bad argument (main's one-line exit status 2 would say so): a failure inside
+        # the suite, shown with its traceback.
+        raise RuntimeError(f"The benchmark suite failed: {error!r}") from error
     timings = [r for r in records if "variant" in r]
     checks = [r for r in records if "check" in r]
     if args.format == "json":
@@ -342,6 +366,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
                                                          "relative_difference": "difference"})
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
+            "Medians in milliseconds; memory in MB of 2**20 bytes (MiB).\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
             "Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
             "each, both from the same start, at larger rates than the timed runs'): max |ours "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from unittest.mock import patch
 
 import pytest
@@ -12,7 +13,6 @@ import torch
 
 import metafair_opt.benchmark as bench
 from metafair_opt.benchmark import (
-    AGREEMENT_PAIRS,
     AGREEMENT_TOLERANCE,
     VARIANTS,
     ImplementationsDisagree,
@@ -24,15 +24,28 @@ from metafair_opt.benchmark import (
 )
 from metafair_opt.cli import main
 
+#: The variants and JSON names the benchmarks issue specifies, written out here rather than
+#: read from the code under test.
+ISSUE_VARIANTS = ["plain", "alignment", "alignment_first_order", "alignment_5_inner",
+                  "reweighter", "reweighter_every_5", "higher_alignment", "higher_reweighter",
+                  "torchfunc_alignment", "torchfunc_reweighter"]
+
 
 def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
     report = check_agreement(make_workload("mlp"))
-    expected = {f"{ours} vs {other}" for ours, others in AGREEMENT_PAIRS for other in others}
-    expected |= {f"reweighter vs {other} (weight update)" for other in (
-        "higher_reweighter", "torchfunc_reweighter", "reweighter_compiled",
-        "reweighter_recompute")}
+    compared = {
+        "alignment": ["higher_alignment", "torchfunc_alignment", "alignment_compiled",
+                      "alignment_recompute"],
+        "alignment_first_order": ["higher_alignment_first_order",
+                                  "torchfunc_alignment_first_order",
+                                  "alignment_first_order_compiled"],
+        "alignment_5_inner": ["higher_alignment_5_inner", "torchfunc_alignment_5_inner"],
+        "reweighter": ["higher_reweighter", "torchfunc_reweighter", "reweighter_compiled",
+                       "reweighter_recompute"],
+    }
+    expected = {f"{ours} vs {other}" for ours, others in compared.items() for other in others}
+    expected |= {f"reweighter vs {other} (weight update)" for other in compared["reweighter"]}
     assert set(report) == expected
-    assert "alignment_5_inner vs torchfunc_alignment_5_inner" in report
     for key, value in report.items():
         assert value < 1e-5, (key, value)  # float32 rounding; NaN fails too
 
@@ -42,19 +55,14 @@ _REAL_TORCHFUNC_ALIGNMENT = bench._torchfunc_alignment
 _REAL_TORCHFUNC_REWEIGHTER = bench._torchfunc_reweighter
 
 
-def _first_order_peer(model, optimizer, w, rates, steps=1):
-    """The hand-written alignment step with its inner gradients taken without a graph: the
-    first-order step."""
-    step = _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps)
-    grad = torch.autograd.grad
+def _first_order_peer(model, optimizer, w, rates, steps=1, first_order=False):
+    """The hand-written first-order step, asked for or not."""
+    return _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps, first_order=True)
 
-    def without_graph(*args, **kwargs):
-        return grad(*args, **{**kwargs, "create_graph": False})
 
-    def first_order() -> None:
-        with patch.object(torch.autograd, "grad", without_graph):
-            step()
-    return first_order
+def _second_order_peer(model, optimizer, w, rates, steps=1, first_order=False):
+    """The hand-written second-order step, asked for or not."""
+    return _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps, first_order=False)
 
 
 def _peer_without_optimizer_step(model, optimizer, w, rates, steps=1):
@@ -107,6 +115,8 @@ def _wrong_from_the_second_call(model, optimizer, w, rates, steps=1):
     (_first_order_peer, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
     (_first_order_peer, "_torchfunc_alignment",
      ("alignment_5_inner", "torchfunc_alignment_5_inner")),
+    (_second_order_peer, "_torchfunc_alignment",
+     ("alignment_first_order", "torchfunc_alignment_first_order")),
     (_peer_without_optimizer_step, "_higher_alignment", ("alignment", "higher_alignment")),
     (_stale_weights_peer, "_torchfunc_reweighter", ("reweighter", "torchfunc_reweighter")),
     (_wrong_from_the_second_call, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
@@ -121,11 +131,62 @@ def test_the_agreement_check_finds_a_peer_that_computes_another_step(
     assert gap > 10 * AGREEMENT_TOLERANCE, gap
 
 
+def test_the_weight_rate_is_scaled_only_for_reweighter_pairs(monkeypatch) -> None:
+    def unwanted(*args):
+        raise AssertionError("the weight rate was scaled without a reweighter pair")
+
+    monkeypatch.setattr(bench, "_weight_rate", unwanted)
+    report = check_agreement(make_workload("mlp"),
+                             pairs=[("alignment_first_order", ["alignment_first_order_compiled"])])
+    assert set(report) == {"alignment_first_order vs alignment_first_order_compiled"}
+
+
+def test_a_vanishing_or_non_finite_weight_update_stops_the_check() -> None:
+    """Two validation groups with identical examples: the mean loss discrepancy is 0 and
+    its gradient too, so no weight update could be compared."""
+    w = make_workload("mlp")
+    same = torch.cat([w.x_val[:32], w.x_val[:32]]), torch.cat([w.y_val[:32], w.y_val[:32]])
+    flat = replace(w, x_val=same[0], y_val=same[1], g_val=torch.arange(64) // 32)
+    with pytest.raises(RuntimeError, match=r"^mlp: our reweighter's weight update is 0 at "
+                                           r"weight rate 1, so the agreement check would "
+                                           r"compare no weight update\. The meta-gradient "
+                                           r"vanished"):
+        check_agreement(flat, pairs=[("reweighter", ["torchfunc_reweighter"])])
+    nan_update = ([], [], torch.tensor([math.nan]))
+    with (patch.object(bench, "_one_step", lambda built, device: nan_update),
+          pytest.raises(RuntimeError, match=r"^mlp: our reweighter's weight update at weight "
+                                            r"rate 1 is not finite \(nan\)")):
+        check_agreement(w, pairs=[("reweighter", ["torchfunc_reweighter"])])
+
+
+def test_bench_without_higher_says_how_to_install_it(monkeypatch, capsys) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "higher" else find_spec(name, *a))
+    assert main(["bench", "--workload", "mlp", "--quick"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "metafair-opt: error: bench times the steps written with the higher library as peers, "
+        "and higher is not installed: pip install -e \".[dev]\" (or pip install "
+        "higher==0.2.1).")
+
+
+def test_a_failure_inside_the_suite_is_not_reported_as_a_bad_argument(monkeypatch) -> None:
+    def failing(*args, **kwargs):
+        raise ValueError("something inside the suite")
+
+    monkeypatch.setattr(bench, "run_suite", failing)
+    with pytest.raises(RuntimeError, match=r"^The benchmark suite failed: ValueError\('something "
+                                           r"inside the suite'\)$"):
+        main(["bench", "--workload", "mlp", "--quick"])
+
+
 def test_the_suite_measures_nothing_when_implementations_disagree(monkeypatch) -> None:
     def measured(*args, **kwargs):
         raise AssertionError("measured although the implementations disagree")
 
-    monkeypatch.setattr(bench, "check_agreement", lambda w, device: {
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device, pairs: {
         "alignment vs higher_alignment": 2e-7, "reweighter vs higher_reweighter": 0.25,
         "reweighter vs torchfunc_reweighter (weight update)": math.nan})
     monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
@@ -141,7 +202,7 @@ def test_the_suite_measures_nothing_when_implementations_disagree(monkeypatch) -
 
 def test_bench_exits_1_with_the_disagreement(monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench, "check_agreement",
-                        lambda w, device: {"alignment vs higher_alignment": 0.5})
+                        lambda w, device, pairs: {"alignment vs higher_alignment": 0.5})
     assert main(["bench", "--workload", "mlp", "--quick"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -157,7 +218,7 @@ def test_the_suite_times_nothing_when_memory_cannot_be_measured(monkeypatch) -> 
     def failing(workload, variant, *args):
         raise RuntimeError(f"no memory figure for {variant}")
 
-    monkeypatch.setattr(bench, "check_agreement", lambda w, device: {})
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device, pairs: {})
     monkeypatch.setattr(bench, "time_interleaved", timed)
     monkeypatch.setattr(bench, "step_peak_memory_mb", failing)
     with pytest.raises(RuntimeError, match="no memory figure for plain"):
@@ -181,7 +242,7 @@ def test_every_workload_is_checked_before_any_is_measured(monkeypatch) -> None:
 
     checked = []
 
-    def check(w, device):
+    def check(w, device, pairs):
         checked.append(w.name)
         return {"alignment vs higher_alignment": 0.5 if w.name == "resnet18" else 0.0}
 
@@ -247,6 +308,7 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
                  "--out", str(tmp_path)]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in records] == list(VARIANTS)
+    assert [v for v in VARIANTS if v in ISSUE_VARIANTS] == ISSUE_VARIANTS  # all, in order
     for record in records:
         assert set(record) == {"workload", "variant", "median_ms", "ratio_to_plain",
                                "ratio_to_plain_pairwise", "peak_live_mb", "peak_rss_mb"}
@@ -257,6 +319,7 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Command: `metafair-opt bench --workload mlp --quick")
     assert "ratio_to_plain_pairwise" in markdown
+    assert "memory in MB of 2**20 bytes (MiB)" in markdown
     assert "CPU cores" in markdown and "torch " in markdown
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
     assert ("Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
@@ -277,6 +340,31 @@ def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> Non
     calls.clear()
     time_interleaved(steps, repeats=6, warmup=0)
     assert [calls[i:i + 5] for i in range(0, 30, 5)] == rounds  # seeded: reproducible
+
+
+def test_a_cycle_is_timed_call_by_call_among_the_others_and_averaged() -> None:
+    """reweighter_every_5's five steps (one weight update, four plain ones) each take their
+    own place in a round's shuffled order, not five in a row, and its figure is the cycle's
+    mean step."""
+    calls: list[str] = []
+    clock = [0.0]
+    costs = iter([5.0, 1.0, 1.0, 1.0, 1.0] * 100)  # the cycle's steps, in the order they run
+
+    def cyclic() -> None:
+        calls.append("c")
+        clock[0] += next(costs)
+
+    def other() -> None:
+        calls.append("o")
+        clock[0] += 2.0
+
+    with patch("metafair_opt.benchmark.time.perf_counter", lambda: clock[0]):
+        medians = time_interleaved({"o": other, "c": cyclic}, repeats=20, warmup=0,
+                                   cycles={"c": 5})
+    assert medians == {"o": 2000.0, "c": 1800.0}  # ms: (5 + 4 * 1) / 5 seconds
+    rounds = [calls[i:i + 6] for i in range(0, 120, 6)]
+    assert all(sorted(r) == ["c"] * 5 + ["o"] for r in rounds)
+    assert any(r.index("o") not in (0, 5) for r in rounds)  # "o" lands inside the cycle
 
 
 def test_pairwise_timing_runs_each_variant_beside_the_reference_alone() -> None:
@@ -303,7 +391,7 @@ def test_the_suite_adds_the_pairwise_ratio_only_when_asked(monkeypatch) -> None:
     def step() -> None:
         torch.ones(64).sum()
 
-    monkeypatch.setattr(bench, "check_agreement", lambda w, device: {})
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device, pairs: {})
     monkeypatch.setattr(bench, "make_step", lambda variant, w, device: (step, None))
     monkeypatch.setattr(bench, "step_peak_memory_mb",
                         lambda *args: {"peak_rss_mb": 1.0, "peak_live_mb": 2.0})
@@ -321,3 +409,77 @@ def test_memory_figures_keep_four_significant_figures() -> None:
     assert significant(1861.44) == 1861.0
     assert significant(273.94) == 273.9
     assert significant(None) is None
+
+
+def _memory_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_memory_script_reports_the_thread_count_its_processes_ran_with(
+        monkeypatch, capsys) -> None:
+    script = _memory_script()
+    asked = []
+
+    def measured(workload, variant, threads):
+        asked.append(threads)
+        return {"peak_rss_mb": 2.0 if variant == "plain" else 3.0, "peak_live_mb": 1.0}
+
+    monkeypatch.setattr(script, "step_peak_memory_mb", measured)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--workload", "mlp", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert set(asked) == {1}
+    assert "torch " in text and " with 1 threads" in text
+    assert "| alignment | 3 | 1 | 1 | 1.5 |" in text  # rss 3 MB against plain's 2: 1.5x
+
+
+def test_the_memory_script_refuses_a_thread_count_that_is_not_positive(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _memory_script().main(["--threads", "0"])
+    assert exit_.value.code == 2
+
+
+def test_the_suite_measures_and_checks_only_the_variants_asked_for(monkeypatch) -> None:
+    measured, checked = [], []
+
+    def check(w, device, pairs):
+        checked.append(pairs)
+        return {}
+
+    def memory(workload, variant, *args):
+        measured.append(variant)
+        return {"peak_rss_mb": 1.0, "peak_live_mb": 2.0}
+
+    monkeypatch.setattr(bench, "check_agreement", check)
+    monkeypatch.setattr(bench, "step_peak_memory_mb", memory)
+    monkeypatch.setattr(bench, "make_step", lambda variant, w, device: (lambda: None, None))
+    records = bench.run_suite(["mlp"], quick=True,
+                              variants=["higher_reweighter", "alignment_first_order"])
+    assert [r["variant"] for r in records] == ["plain", "alignment_first_order",
+                                               "higher_reweighter"]
+    assert sorted(measured) == ["alignment_first_order", "higher_reweighter", "plain"]
+    assert checked == [(
+        ("alignment_first_order", ("higher_alignment_first_order",
+                                   "torchfunc_alignment_first_order",
+                                   "alignment_first_order_compiled")),
+        ("reweighter", ("higher_reweighter",)),
+    )]
+    with pytest.raises(ValueError, match=r"^Unknown variant\(s\) \['nope'\]; choose from "):
+        bench.run_suite(["mlp"], variants=["plain", "nope"])
+
+
+def test_bench_refuses_an_unknown_variant(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--variants", "reweighter,nope"])
+    assert exit_.value.code == 2
+    assert "unknown variant(s) ['nope']; choose from plain, alignment," in capsys.readouterr().err

@@ -68,6 +68,29 @@ def test_step_peak_memory_reports_live_bytes_and_rss_in_a_fresh_process() -> Non
     assert memory["peak_rss_mb"] >= 0
 
 
+_RSS_CHILD = """
+import sys, torch
+from metafair_opt.benchmark import peak_rss_mb
+earlier = torch.ones(2**26)  # 256 MB touched, then freed: the process's peak so far
+del earlier
+size_mb = int(sys.argv[1])
+print(peak_rss_mb(lambda: torch.ones(size_mb * 2**18).sum()))  # size_mb MB of floats
+"""
+
+
+@pytest.mark.parametrize("size_mb", [0, 64])
+def test_peak_rss_is_the_steps_own_peak_in_a_fresh_process(size_mb: int) -> None:
+    """A step that touches 64 MB reads about 64 MB (the interpreter's own jitter is a few), and
+    one that allocates nothing about 0, although the process touched 256 MB before: the peak
+    is reset before the step, and memory freed earlier is not counted."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(size_mb)],
+                            capture_output=True, text=True, check=True)
+    assert float(result.stdout.strip()) == pytest.approx(size_mb, abs=4)
+
+
 def _record_meta_gradients(monkeypatch) -> list[weakref.ref]:
     """Weak references to every gradient computed with create_graph=True from now on."""
     made: list[weakref.ref] = []

@@ -66,9 +66,10 @@ def test_the_growth_measurement_of_a_step_that_keeps_nothing() -> None:
         live_bytes_growth(step, first=5, last=5)
 
 
-@pytest.mark.parametrize("variant", ["alignment", "alignment_first_order", "reweighter",
-                                     "reweighter_every_5", "alignment_compiled",
-                                     "alignment_recompute"])
+@pytest.mark.parametrize("variant", ["alignment", "alignment_first_order", "alignment_5_inner",
+                                     "reweighter", "reweighter_every_5", "alignment_compiled",
+                                     "alignment_first_order_compiled", "reweighter_compiled",
+                                     "alignment_recompute", "reweighter_recompute"])
 def test_no_tensor_growth_over_many_steps(variant: str) -> None:
     step, _ = make_step(variant, make_workload("mlp"))
     assert_no_growth(step)
