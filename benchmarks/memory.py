@@ -1,9 +1,10 @@
 """Peak memory of one step per variant, without the timings: ``python benchmarks/memory.py
-[--workload mlp|resnet18] [--threads N] [--out FILE]``.
+[--workload mlp|resnet18] [--threads N] [--repeats N] [--out FILE]``.
 
-Each variant runs in a fresh process (``metafair_opt.benchmark.step_peak_memory_mb``): peak live
-tensor bytes and peak RSS above what the process held before the step, and both as ratios to the
-plain step's. Prints a Markdown table with the command, machine and date; ``--out`` also writes it.
+Each variant is measured in ``--repeats`` fresh processes (``metafair_opt.benchmark.
+measure_memory``): the medians of peak live tensor bytes and of peak RSS above what the process
+held before the step, both as ratios to the plain step's medians, and the RSS peaks' range.
+Prints a Markdown table with the command, machine and date; ``--out`` also writes it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pandas as pd
 import torch
 
 from metafair_opt.benchmark import (
+    MEMORY_REPEATS,
     VARIANTS,
     machine_description,
+    measure_memory,
     significant,
-    step_peak_memory_mb,
 )
 from metafair_opt.cli import _positive_int
 from metafair_opt.reporting import markdown_table
@@ -29,23 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", default="resnet18", choices=["mlp", "resnet18"])
     parser.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=_positive_int, default=MEMORY_REPEATS,
+                        help="fresh processes per variant (the medians are reported)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # the children's count, which the header reports
-    rows = []
-    for variant in VARIANTS:
-        memory = step_peak_memory_mb(args.workload, variant, args.threads)
-        rows.append({"variant": variant, **memory})
-        print(f"{variant}: {memory}", file=sys.stderr)
-    frame = pd.DataFrame(rows)
+    memory = measure_memory(args.workload, VARIANTS, args.threads, repeats=args.repeats,
+                            progress=lambda text: print(text, file=sys.stderr))
+    frame = pd.DataFrame([{"variant": variant, **memory[variant]} for variant in VARIANTS])
     plain = frame.set_index("variant").loc["plain"]
     frame["live / plain"] = (frame["peak_live_mb"] / plain["peak_live_mb"]).round(2)
     frame["rss / plain"] = (frame["peak_rss_mb"] / plain["peak_rss_mb"]).round(2)
-    for column in ("peak_live_mb", "peak_rss_mb"):
+    for column in ("peak_live_mb", "peak_rss_mb", "peak_rss_mb_min", "peak_rss_mb_max"):
         frame[column] = frame[column].map(significant)
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Command: `{command.strip()}`\n\nMachine: {machine_description()}\n\n"
-            f"Workload: {args.workload}; memory in MB of 2**20 bytes (MiB)\n\n"
+            f"Workload: {args.workload}; memory in MB of 2**20 bytes (MiB); each variant's "
+            f"median of {args.repeats} fresh process(es), the RSS peaks' range in "
+            "peak_rss_mb_min and peak_rss_mb_max\n\n"
             f"{markdown_table(frame)}\n")
     print(text)
     if args.out is not None:

@@ -16,12 +16,14 @@ forward and backward run again for a Hessian-vector product instead of kept thro
 pass) and ``reweighter_recompute`` (``recompute_forward=True``: the training forward run again
 instead of kept through the validation pass).
 Every implementation of a variant is checked to give the same gradients before anything is timed.
-Memory, measured in a fresh process per variant (two at a time: each measures only itself)
-after one warm-up step: the step's peak of live tensor bytes above those live before it
+Memory, measured in fresh processes (two at a time: each measures only itself), each after one
+warm-up step: the step's peak of live tensor bytes above those live before it
 (``peak_live_mb``: the CUDA allocator's statistics, or on the CPU the allocator's records from
 ``torch.profiler``), and on the CPU also the step's peak resident memory above the RSS before it
 (``peak_rss_mb``; the warm-up's freed memory is first handed back to the system with glibc's
-``malloc_trim``).
+``malloc_trim``); each the median of :data:`MEMORY_REPEATS` processes per variant, which the
+RSS needs (it moves by 10-20 % from one process to the next), with the RSS peaks' range
+(``peak_rss_mb_min``, ``peak_rss_mb_max``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from itertools import repeat
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ __all__ = [
     "make_reweighter_step",
     "make_step",
     "make_workload",
+    "measure_memory",
     "peak_live_mb",
     "peak_rss_mb",
     "significant",
@@ -77,6 +79,9 @@ CYCLE_STEPS = {"reweighter_every_5": 5}
 #: Fresh processes measuring memory at once: each measures only itself (its own RSS, its own
 #: allocator), so they need not wait for one another.
 MEMORY_PROCESSES = 2
+#: Fresh processes per variant whose figures :func:`measure_memory` reports the median of: a
+#: single process's peak RSS moves by 10-20 % from one to the next.
+MEMORY_REPEATS = 3
 VARIANTS = (
     "plain", "alignment", "alignment_first_order", "alignment_5_inner", "reweighter",
     "reweighter_every_5", "higher_alignment", "higher_reweighter", "torchfunc_alignment",
@@ -700,6 +705,46 @@ def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_memory(workload: str, variants: Sequence[str], threads: int = 1,
+                   device: torch.device | str = "cpu", repeats: int = MEMORY_REPEATS,
+                   processes: int = MEMORY_PROCESSES,
+                   progress: Callable[[str], None] | None = None,
+                   ) -> dict[str, dict[str, float | None]]:
+    """Each variant's :func:`step_peak_memory_mb` in ``repeats`` fresh processes, the median.
+
+    The processes run in rounds (every variant once per round, ``processes`` at a time), so
+    that a drift of the machine does not fall on one variant. Returns, per variant,
+    ``peak_live_mb`` and ``peak_rss_mb`` (the medians; None on CUDA, which has no RSS of the
+    step's) and ``peak_rss_mb_min`` and ``peak_rss_mb_max`` (the range of the processes'
+    peaks). ``progress`` hears of each process's figures as they come. Raises the first
+    process's RuntimeError should one fail.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1; got {repeats}.")
+    jobs = [variant for _ in range(repeats) for variant in variants]
+    runs: dict[str, list[dict[str, float | None]]] = {variant: [] for variant in variants}
+    with ThreadPoolExecutor(processes) as pool:
+        figures = pool.map(lambda variant: step_peak_memory_mb(
+            workload, variant, threads, device), jobs)
+        for variant, figure in zip(jobs, figures, strict=True):
+            runs[variant].append(figure)
+            if progress:
+                progress(f"{workload} {variant}: {figure}")
+    memory: dict[str, dict[str, float | None]] = {}
+    for variant, measured in runs.items():
+        live = [m["peak_live_mb"] for m in measured]
+        rss = [m["peak_rss_mb"] for m in measured]
+        known = [r for r in rss if r is not None]
+        whole = len(known) == len(rss)  # None on CUDA
+        memory[variant] = {
+            "peak_live_mb": statistics.median(x for x in live if x is not None),
+            "peak_rss_mb": statistics.median(known) if whole else None,
+            "peak_rss_mb_min": min(known) if whole else None,
+            "peak_rss_mb_max": max(known) if whole else None,
+        }
+    return memory
+
+
 def peak_live_mb(step: Callable[[], None], device: torch.device | str = "cpu",
                  tracked: int = 1) -> float:
     """Peak bytes of live tensors during one call of ``step`` above those live before it (MB
@@ -833,7 +878,9 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
     where two implementations of a step differ by more than :data:`AGREEMENT_TOLERANCE`
     (:func:`check_agreement`). With ``pairwise``, each record also holds
     ``ratio_to_plain_pairwise``: the variant timed against the plain step alone
-    (:func:`time_pairwise`), with as many repeats again per pair.
+    (:func:`time_pairwise`), with as many repeats again per pair. Memory is the median of
+    :data:`MEMORY_REPEATS` fresh processes per variant (one with ``quick``;
+    :func:`measure_memory`).
     """
     chosen = VARIANTS
     checked_pairs = AGREEMENT_PAIRS
@@ -865,11 +912,9 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
     for name, w in workloads.items():
         # Memory first (fresh processes): should one fail, no timing is lost.
         if progress:
-            progress(f"{name}: measuring each variant's memory in a fresh process")
-        with ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
-            memories = dict(zip(chosen, pool.map(
-                step_peak_memory_mb, repeat(name), chosen, repeat(torch.get_num_threads()),
-                repeat(device)), strict=True))
+            progress(f"{name}: measuring each variant's memory in fresh processes")
+        memories = measure_memory(name, chosen, torch.get_num_threads(), device,
+                                  repeats=1 if quick else MEMORY_REPEATS, progress=progress)
         steps = {variant: make_step(variant, w, device)[0] for variant in chosen}
         repeats = (10 if quick else 50) if name == "resnet18" else (30 if quick else 200)
         if progress:
@@ -888,7 +933,8 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
                 "ratio_to_plain": round(medians[variant] / medians["plain"], 3),
                 **({"ratio_to_plain_pairwise": round(pairs[variant], 3)} if pairs else {}),
                 "peak_live_mb": significant(memories[variant]["peak_live_mb"]),
-                "peak_rss_mb": significant(memories[variant]["peak_rss_mb"]),
+                **{key: significant(memories[variant][key]) for key in (
+                    "peak_rss_mb", "peak_rss_mb_min", "peak_rss_mb_max")},
             })
         for pair, gap in agreements[name].items():
             records.append({"workload": name, "check": pair, "relative_difference": gap})

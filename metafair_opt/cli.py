@@ -320,6 +320,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
 
     from metafair_opt.benchmark import (
         AGREEMENT_TOLERANCE,
+        MEMORY_REPEATS,
         WORKLOADS,
         ImplementationsDisagree,
         machine_description,
@@ -366,7 +367,9 @@ def _bench(args: argparse.Namespace, command: str) -> int:
                                                          "relative_difference": "difference"})
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
-            "Medians in milliseconds; memory in MB of 2**20 bytes (MiB).\n\n"
+            "Medians in milliseconds; memory in MB of 2**20 bytes (MiB), each variant's "
+            f"median of {1 if args.quick else MEMORY_REPEATS} fresh process(es) (the RSS "
+            "peaks' range in peak_rss_mb_min and peak_rss_mb_max).\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
             "Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
             "each, both from the same start, at larger rates than the timed runs'): max |ours "

@@ -211,6 +211,62 @@ def test_bench_exits_1_with_the_disagreement(monkeypatch, capsys) -> None:
         "difference above 0.001): alignment vs higher_alignment: 0.5.")
 
 
+def test_memory_is_the_median_of_fresh_processes_run_in_rounds(monkeypatch) -> None:
+    figures = {"plain": iter([400.0, 350.0, 446.0]), "alignment": iter([600.0, 700.0, 650.0])}
+    calls, heard = [], []
+
+    def measured(workload, variant, threads, device):
+        calls.append((workload, variant, threads, device))
+        return {"peak_rss_mb": next(figures[variant]), "peak_live_mb": 7.0}
+
+    monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
+    memory = bench.measure_memory("resnet18", ["plain", "alignment"], 2, "cpu", repeats=3,
+                                  processes=1, progress=heard.append)
+    assert memory == {
+        "plain": {"peak_live_mb": 7.0, "peak_rss_mb": 400.0, "peak_rss_mb_min": 350.0,
+                  "peak_rss_mb_max": 446.0},
+        "alignment": {"peak_live_mb": 7.0, "peak_rss_mb": 650.0, "peak_rss_mb_min": 600.0,
+                      "peak_rss_mb_max": 700.0},
+    }
+    assert calls == [("resnet18", variant, 2, "cpu") for _ in range(3)
+                     for variant in ("plain", "alignment")]  # every variant once a round
+    assert heard[:2] == ["resnet18 plain: {'peak_rss_mb': 400.0, 'peak_live_mb': 7.0}",
+                         "resnet18 alignment: {'peak_rss_mb': 600.0, 'peak_live_mb': 7.0}"]
+    assert len(heard) == 6
+
+
+def test_memory_without_an_rss_figure_reports_none_for_it(monkeypatch) -> None:
+    live = iter([5.0, 9.0, 6.0])
+    monkeypatch.setattr(bench, "step_peak_memory_mb", lambda *args: {
+        "peak_rss_mb": None, "peak_live_mb": next(live)})  # as on CUDA
+    assert bench.measure_memory("mlp", ["plain"], processes=1) == {"plain": {
+        "peak_live_mb": 6.0, "peak_rss_mb": None, "peak_rss_mb_min": None,
+        "peak_rss_mb_max": None}}
+
+
+def test_memory_needs_at_least_one_process() -> None:
+    with pytest.raises(ValueError, match=r"^repeats must be at least 1; got 0\.$"):
+        bench.measure_memory("mlp", ["plain"], repeats=0)
+
+
+def test_the_full_suite_reports_the_median_of_its_memory_processes(monkeypatch) -> None:
+    # Two processes at a time: the order of a variant's figures may change, not the median.
+    peaks = {"plain": [300.0, 500.0, 400.0], "alignment": [610.0, 590.0, 900.0]}
+
+    def measured(workload, variant, threads, device):
+        return {"peak_rss_mb": peaks[variant].pop(), "peak_live_mb": 1.0}
+
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device, pairs: {})
+    monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
+    monkeypatch.setattr(bench, "make_step", lambda variant, w, device: (lambda: None, None))
+    records = bench.run_suite(["mlp"], variants=["alignment"])
+    memory = {r["variant"]: (r["peak_rss_mb"], r["peak_rss_mb_min"], r["peak_rss_mb_max"])
+              for r in records}
+    assert bench.MEMORY_REPEATS == 3
+    assert memory == {"plain": (400.0, 300.0, 500.0), "alignment": (610.0, 590.0, 900.0)}
+    assert peaks == {"plain": [], "alignment": []}  # three processes each
+
+
 def test_the_suite_times_nothing_when_memory_cannot_be_measured(monkeypatch) -> None:
     def timed(*args, **kwargs):
         raise AssertionError("timed before the memory was measured")
@@ -311,22 +367,26 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     assert [v for v in VARIANTS if v in ISSUE_VARIANTS] == ISSUE_VARIANTS  # all, in order
     for record in records:
         assert set(record) == {"workload", "variant", "median_ms", "ratio_to_plain",
-                               "ratio_to_plain_pairwise", "peak_live_mb", "peak_rss_mb"}
+                               "ratio_to_plain_pairwise", "peak_live_mb", "peak_rss_mb",
+                               "peak_rss_mb_min", "peak_rss_mb_max"}
         assert record["workload"] == "mlp" and record["median_ms"] > 0
         assert record["peak_live_mb"] > 0 and record["peak_rss_mb"] >= 0
+        # --quick: one process per variant, whose peak is its own range
+        assert record["peak_rss_mb_min"] == record["peak_rss_mb"] == record["peak_rss_mb_max"]
         assert record["ratio_to_plain_pairwise"] > 0
     assert records[0]["ratio_to_plain"] == records[0]["ratio_to_plain_pairwise"] == 1
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("Command: `metafair-opt bench --workload mlp --quick")
     assert "ratio_to_plain_pairwise" in markdown
-    assert "memory in MB of 2**20 bytes (MiB)" in markdown
+    assert ("memory in MB of 2**20 bytes (MiB), each variant's median of 1 fresh process(es) "
+            "(the RSS peaks' range in peak_rss_mb_min and peak_rss_mb_max)") in markdown
     assert "CPU cores" in markdown and "torch " in markdown
     assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
     assert ("Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
             "each, both from the same start") in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
         "workload,variant,median_ms,ratio_to_plain,ratio_to_plain_pairwise,peak_live_mb,"
-        "peak_rss_mb")
+        "peak_rss_mb,peak_rss_mb_min,peak_rss_mb_max")
 
 
 def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> None:
@@ -427,20 +487,22 @@ def test_the_memory_script_reports_the_thread_count_its_processes_ran_with(
     script = _memory_script()
     asked = []
 
-    def measured(workload, variant, threads):
+    def measured(workload, variant, threads, device):
         asked.append(threads)
         return {"peak_rss_mb": 2.0 if variant == "plain" else 3.0, "peak_live_mb": 1.0}
 
-    monkeypatch.setattr(script, "step_peak_memory_mb", measured)
+    monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
     threads = torch.get_num_threads()
     try:
-        assert script.main(["--workload", "mlp", "--threads", "1"]) == 0
+        assert script.main(["--workload", "mlp", "--threads", "1", "--repeats", "2"]) == 0
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
-    assert set(asked) == {1}
+    assert asked == [1] * 2 * len(VARIANTS)
     assert "torch " in text and " with 1 threads" in text
-    assert "| alignment | 3 | 1 | 1 | 1.5 |" in text  # rss 3 MB against plain's 2: 1.5x
+    assert "each variant's median of 2 fresh process(es)" in text
+    # live 1 MB, rss 3 MB (range 3 to 3) against plain's 2: 1.5x
+    assert "| alignment | 1 | 3 | 3 | 3 | 1 | 1.5 |" in text
 
 
 def test_the_memory_script_refuses_a_thread_count_that_is_not_positive(capsys) -> None:
