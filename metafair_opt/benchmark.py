@@ -21,9 +21,9 @@ warm-up step: the step's peak of live tensor bytes above those live before it
 (``peak_live_mb``: the CUDA allocator's statistics, or on the CPU the allocator's records from
 ``torch.profiler``), and on the CPU also the step's peak resident memory above the RSS before it
 (``peak_rss_mb``; the warm-up's freed memory is first handed back to the system with glibc's
-``malloc_trim``); each the median of :data:`MEMORY_REPEATS` processes per variant, which the
-RSS needs (it moves by 10-20 % from one process to the next), with the RSS peaks' range
-(``peak_rss_mb_min``, ``peak_rss_mb_max``).
+``malloc_trim``); each the median of :data:`MEMORY_REPEATS` processes per variant (one with
+``quick``), which the RSS needs (it moves by 10-20 % from one process to the next), with the RSS
+peaks' range (``peak_rss_mb_min``, ``peak_rss_mb_max``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = [
     "make_step",
     "make_workload",
     "measure_memory",
+    "memory_repeats",
     "peak_live_mb",
     "peak_rss_mb",
     "significant",
@@ -705,6 +706,11 @@ def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def memory_repeats(quick: bool) -> int:
+    """Fresh processes per variant that :func:`run_suite` measures memory in."""
+    return 1 if quick else MEMORY_REPEATS
+
+
 def measure_memory(workload: str, variants: Sequence[str], threads: int = 1,
                    device: torch.device | str = "cpu", repeats: int = MEMORY_REPEATS,
                    processes: int = MEMORY_PROCESSES,
@@ -879,8 +885,7 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
     (:func:`check_agreement`). With ``pairwise``, each record also holds
     ``ratio_to_plain_pairwise``: the variant timed against the plain step alone
     (:func:`time_pairwise`), with as many repeats again per pair. Memory is the median of
-    :data:`MEMORY_REPEATS` fresh processes per variant (one with ``quick``;
-    :func:`measure_memory`).
+    :func:`memory_repeats` fresh processes per variant (:func:`measure_memory`).
     """
     chosen = VARIANTS
     checked_pairs = AGREEMENT_PAIRS
@@ -914,7 +919,7 @@ def run_suite(workloads: Iterable[str], device: torch.device | str = "cpu", quic
         if progress:
             progress(f"{name}: measuring each variant's memory in fresh processes")
         memories = measure_memory(name, chosen, torch.get_num_threads(), device,
-                                  repeats=1 if quick else MEMORY_REPEATS, progress=progress)
+                                  repeats=memory_repeats(quick), progress=progress)
         steps = {variant: make_step(variant, w, device)[0] for variant in chosen}
         repeats = (10 if quick else 50) if name == "resnet18" else (30 if quick else 200)
         if progress:

@@ -320,10 +320,10 @@ def _bench(args: argparse.Namespace, command: str) -> int:
 
     from metafair_opt.benchmark import (
         AGREEMENT_TOLERANCE,
-        MEMORY_REPEATS,
         WORKLOADS,
         ImplementationsDisagree,
         machine_description,
+        memory_repeats,
         run_suite,
     )
     from metafair_opt.reporting import markdown_table
@@ -368,7 +368,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
             "Medians in milliseconds; memory in MB of 2**20 bytes (MiB), each variant's "
-            f"median of {1 if args.quick else MEMORY_REPEATS} fresh process(es) (the RSS "
+            f"median of {memory_repeats(args.quick)} fresh process(es) (the RSS "
             "peaks' range in peak_rss_mb_min and peak_rss_mb_max).\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
             "Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
