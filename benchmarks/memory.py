@@ -21,6 +21,7 @@ from metafair_opt.benchmark import (
     VARIANTS,
     machine_description,
     measure_memory,
+    memory_caption,
     significant,
 )
 from metafair_opt.cli import _positive_int
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         frame[column] = frame[column].map(significant)
     command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Command: `{command.strip()}`\n\nMachine: {machine_description()}\n\n"
-            f"Workload: {args.workload}; memory in MB of 2**20 bytes (MiB); each variant's "
-            f"median of {args.repeats} fresh process(es), the RSS peaks' range in "
-            "peak_rss_mb_min and peak_rss_mb_max\n\n"
+            f"Workload: {args.workload}; {memory_caption(args.repeats)}\n\n"
             f"{markdown_table(frame)}\n")
     print(text)
     if args.out is not None:

@@ -64,6 +64,7 @@ __all__ = [
     "make_step",
     "make_workload",
     "measure_memory",
+    "memory_caption",
     "memory_repeats",
     "peak_live_mb",
     "peak_rss_mb",
@@ -709,6 +710,12 @@ def step_peak_memory_mb(workload: str, variant: str, threads: int = 1,
 def memory_repeats(quick: bool) -> int:
     """Fresh processes per variant that :func:`run_suite` measures memory in."""
     return 1 if quick else MEMORY_REPEATS
+
+
+def memory_caption(repeats: int) -> str:
+    """How the memory figures of a results table were taken, for its header."""
+    return (f"memory in MB of 2**20 bytes (MiB), each variant's median of {repeats} fresh "
+            "process(es) (the RSS peaks' range in peak_rss_mb_min and peak_rss_mb_max)")
 
 
 def measure_memory(workload: str, variants: Sequence[str], threads: int = 1,

@@ -323,6 +323,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         WORKLOADS,
         ImplementationsDisagree,
         machine_description,
+        memory_caption,
         memory_repeats,
         run_suite,
     )
@@ -367,9 +368,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
                                                          "relative_difference": "difference"})
         (args.out / "results.md").write_text(
             f"Command: `{command}`\n\nMachine: {machine_description(args.device)}\n\n"
-            "Medians in milliseconds; memory in MB of 2**20 bytes (MiB), each variant's "
-            f"median of {memory_repeats(args.quick)} fresh process(es) (the RSS "
-            "peaks' range in peak_rss_mb_min and peak_rss_mb_max).\n\n"
+            f"Medians in milliseconds; {memory_caption(memory_repeats(args.quick))}.\n\n"
             f"{markdown_table(pd.DataFrame(timings))}\n\n"
             "Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
             "each, both from the same start, at larger rates than the timed runs'): max |ours "
