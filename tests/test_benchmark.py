@@ -42,9 +42,11 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
         "alignment_5_inner": ["higher_alignment_5_inner", "torchfunc_alignment_5_inner"],
         "reweighter": ["higher_reweighter", "torchfunc_reweighter", "reweighter_compiled",
                        "reweighter_recompute"],
+        "reweighter_every_5": ["higher_reweighter_every_5", "torchfunc_reweighter_every_5"],
     }
     expected = {f"{ours} vs {other}" for ours, others in compared.items() for other in others}
-    expected |= {f"reweighter vs {other} (weight update)" for other in compared["reweighter"]}
+    expected |= {f"{ours} vs {other} (weight update)" for ours in ("reweighter",
+                 "reweighter_every_5") for other in compared[ours]}
     assert set(report) == expected
     for key, value in report.items():
         assert value < 1e-5, (key, value)  # float32 rounding; NaN fails too
@@ -53,6 +55,7 @@ def test_every_peer_agrees_with_our_steps_on_the_mlp() -> None:
 _REAL_HIGHER_ALIGNMENT = bench._higher_alignment
 _REAL_TORCHFUNC_ALIGNMENT = bench._torchfunc_alignment
 _REAL_TORCHFUNC_REWEIGHTER = bench._torchfunc_reweighter
+_REAL_EVERY = bench._every
 
 
 def _first_order_peer(model, optimizer, w, rates, steps=1, first_order=False):
@@ -97,6 +100,17 @@ def _stale_weights_peer(model, optimizer, w, table, rates):
     return with_stale_weights
 
 
+def _uniform_between_updates(meta_every, meta_step, model, optimizer, w, table):
+    """The peers' ``meta_every`` whose plain steps between weight updates weight every row
+    alike (the softmax of a table of zeros)."""
+    return _REAL_EVERY(meta_every, meta_step, model, optimizer, w, torch.zeros_like(table))
+
+
+def _updating_on_every_step(meta_every, meta_step, model, optimizer, w, table):
+    """The peers' ``meta_every`` that updates the weights on every step."""
+    return meta_step
+
+
 def _wrong_from_the_second_call(model, optimizer, w, rates, steps=1):
     """The hand-written alignment step whose inner rate doubles from its second call on."""
     first = _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps)
@@ -120,6 +134,9 @@ def _wrong_from_the_second_call(model, optimizer, w, rates, steps=1):
     (_peer_without_optimizer_step, "_higher_alignment", ("alignment", "higher_alignment")),
     (_stale_weights_peer, "_torchfunc_reweighter", ("reweighter", "torchfunc_reweighter")),
     (_wrong_from_the_second_call, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
+    (_uniform_between_updates, "_every",
+     ("reweighter_every_5", "torchfunc_reweighter_every_5")),
+    (_updating_on_every_step, "_every", ("reweighter_every_5", "higher_reweighter_every_5")),
 ])
 def test_the_agreement_check_finds_a_peer_that_computes_another_step(
         monkeypatch, broken, peer, pair) -> None:
@@ -129,6 +146,23 @@ def test_the_agreement_check_finds_a_peer_that_computes_another_step(
     monkeypatch.setattr(bench, peer, broken)
     gap = check_agreement(w, pairs=[(ours, [other])])[f"{ours} vs {other}"]
     assert gap > 10 * AGREEMENT_TOLERANCE, gap
+
+
+def test_weight_tables_are_compared_only_where_one_moved(monkeypatch) -> None:
+    w = make_workload("mlp")
+    pair = [("reweighter_every_5", ["torchfunc_reweighter_every_5"])]
+    key = "reweighter_every_5 vs torchfunc_reweighter_every_5 (weight update)"
+    # The peer updates the weights on its second step too, where ours does not: ours stayed
+    # put, so the difference is infinite.
+    monkeypatch.setattr(bench, "_every", _updating_on_every_step)
+    assert check_agreement(w, pairs=pair)[key] == math.inf
+    # Neither table moved in either step: nothing was compared, which reads NaN.
+    unmoved = ([torch.ones(2)], [torch.ones(2)], torch.zeros(3))
+    with (patch.object(bench, "_weight_rate", lambda *args: 1.0),
+          patch.object(bench, "_one_step", lambda built, device: unmoved)):
+        report = check_agreement(w, pairs=pair)
+    assert report["reweighter_every_5 vs torchfunc_reweighter_every_5"] == 0
+    assert math.isnan(report[key])
 
 
 def test_the_weight_rate_is_scaled_only_for_reweighter_pairs(monkeypatch) -> None:
