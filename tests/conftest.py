@@ -26,3 +26,12 @@ def fresh_torch_compile():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=["on the host", "by sorting"])
+def index_check(request, monkeypatch):
+    """Each way SampleReweighter checks a batch's indices (range, repeats): small CPU batches
+    as a Python list, others with torch.unique (forced here by a host limit of 0 rows)."""
+    if request.param == "by sorting":
+        monkeypatch.setattr("metafair_opt.reweighting._HOST_CHECK_ROWS", 0)
+    return request.param

@@ -149,7 +149,7 @@ def trained(seed: int = 6, mode: str = "reverse"):
     return model, opt, rw
 
 
-def test_index_out_of_range_names_the_range_and_changes_nothing() -> None:
+def test_index_out_of_range_names_the_range_and_changes_nothing(index_check) -> None:
     model, opt, rw = trained()
     x, y, xv, yv, gv = data(seed=9)
     before = snapshot(model, opt, rw)
@@ -165,6 +165,30 @@ def test_index_out_of_range_names_the_range_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="idx has 15 entries but the batch has 16 rows"):
         rw.step(x, y, torch.arange(15), val=(xv, yv, gv))
     assert_same_state(before, snapshot(model, opt, rw))
+
+
+def test_a_small_cpu_batch_without_repeats_is_checked_without_a_sort(index_check,
+                                                                     monkeypatch) -> None:
+    """The two ways of the fixture are real: torch.unique sorts the batch's indices only by
+    sorting, or where an index repeats (for the positions of its rows)."""
+    rw = trained()[2]
+    x, y, xv, yv, gv = data(seed=9)
+    sorted_indices = []
+    unique = torch.unique
+
+    def counting(t, *args, **kwargs):
+        if not kwargs.get("return_counts"):  # the meta-loss's group means ask for counts
+            sorted_indices.append(t.clone())
+        return unique(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "unique", counting)
+    rw.step(x, y, torch.arange(16) + 50, val=(xv, yv, gv))
+    repeated = torch.arange(16) + 50
+    repeated[3] = repeated[7]
+    rw.step(x, y, repeated, val=(xv, yv, gv))
+    expected = [repeated] if index_check == "on the host" else [torch.arange(16) + 50, repeated]
+    assert len(sorted_indices) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(sorted_indices, expected))
 
 
 def test_empty_training_batch_is_refused_and_changes_nothing() -> None:
@@ -494,7 +518,7 @@ def test_failing_optimizer_step_leaves_weights_and_tables_unchanged() -> None:
     assert_same_state(before, snapshot(model, rw.optimizer, rw))
 
 
-def test_ema_blends_visits_and_averages_duplicates() -> None:
+def test_ema_blends_visits_and_averages_duplicates(index_check) -> None:
     """Zero model and learning rates: the normalised weighted loss of row i is its y**2."""
     rw = frozen_zero_reweighter(4, ema_decay=0.75)
     val = (torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([0, 1]))

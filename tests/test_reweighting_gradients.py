@@ -71,7 +71,8 @@ def reweighter_row_gradient(model, batch, idx, lookahead_lr, meta_loss, table=No
 @MODES
 @pytest.mark.parametrize("meta_loss", [mean_loss_discrepancy, max_loss_discrepancy])
 @pytest.mark.parametrize("duplicates", [False, True])
-def test_weight_gradient_matches_finite_differences(meta_loss, duplicates: bool, mode) -> None:
+def test_weight_gradient_matches_finite_differences(meta_loss, duplicates: bool, mode,
+                                                  index_check) -> None:
     batch = data(seed=1)
     idx = torch.tensor([3, 7, 7, 0, 12, 5, 3, 19]) if duplicates else torch.arange(2, 10)
     rows, inverse = torch.unique(idx, return_inverse=True)
