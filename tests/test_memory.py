@@ -160,11 +160,12 @@ def test_reweighter_frees_the_lookahead_gradient_before_the_validation_forward(
 
 
 @pytest.mark.parametrize("repeats", [False, True])
-def test_reweighter_keeps_the_row_inverse_only_for_repeated_rows(monkeypatch,
+def test_reweighter_keeps_the_row_inverse_only_for_repeated_rows(monkeypatch, index_check,
                                                                  repeats: bool) -> None:
     """Without repeated rows the step addresses the table in batch order: the sorted rows and
-    the inverse that its range check computes are gone by the validation forward (they were
-    kept all step, two indices per sample); with repeats the inverse is still needed."""
+    the inverse that a check by sorting computes are gone by the validation forward (they were
+    kept all step, two indices per sample), and a check on the host makes none; with repeats
+    the inverse is still needed."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     rw = SampleReweighter(model, torch.optim.SGD(model.parameters(), lr=0.1), num_samples=20,
@@ -183,5 +184,8 @@ def test_reweighter_keeps_the_row_inverse_only_for_repeated_rows(monkeypatch,
     idx = torch.tensor([3, 1, 3, 7, 0, 9, 1, 4]) if repeats else torch.arange(8)
     rw.step(torch.randn(8, 5), torch.randint(0, 3, (8,)), idx,
             val=(torch.randn(10, 5), torch.randint(0, 3, (10,)), torch.arange(10) % 2))
+    if not repeats and index_check == "on the host":
+        assert made == []
+        return
     assert len(made) == 2
     assert alive == ([2] if repeats else [0])
