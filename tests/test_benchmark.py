@@ -1,8 +1,10 @@
 """The benchmark harness: peers agree with our steps, and `metafair-opt bench` prints and writes
-the records the benchmarks issue specifies (W1 only, --quick; timings are not asserted)."""
+the records the benchmarks issue specifies (W1 only, --quick; real timings are not asserted, the
+arithmetic on them is, on a fake clock)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -125,6 +127,19 @@ def _wrong_from_the_second_call(model, optimizer, w, rates, steps=1):
     return step
 
 
+def _non_finite_from_the_second_call(model, optimizer, w, rates, steps=1):
+    """The hand-written alignment step whose gradients turn NaN from its second call on."""
+    real = _REAL_TORCHFUNC_ALIGNMENT(model, optimizer, w, rates, steps)
+    calls = []
+
+    def step() -> None:
+        calls.append(1)
+        real()
+        if len(calls) > 1:
+            next(model.parameters()).grad[0] = math.nan
+    return step
+
+
 @pytest.mark.parametrize("broken, peer, pair", [
     (_first_order_peer, "_torchfunc_alignment", ("alignment", "torchfunc_alignment")),
     (_first_order_peer, "_torchfunc_alignment",
@@ -146,6 +161,19 @@ def test_the_agreement_check_finds_a_peer_that_computes_another_step(
     monkeypatch.setattr(bench, peer, broken)
     gap = check_agreement(w, pairs=[(ours, [other])])[f"{ours} vs {other}"]
     assert gap > 10 * AGREEMENT_TOLERANCE, gap
+
+
+def test_a_gradient_that_turns_non_finite_on_the_second_step_fails_the_check(
+        monkeypatch) -> None:
+    # The NaN comes from the second of the check's two steps: a maximum that skipped NaN
+    # (Python's max with the first step's finite gap first) would pass it.
+    monkeypatch.setattr(bench, "_torchfunc_alignment", _non_finite_from_the_second_call)
+    report = check_agreement(make_workload("mlp"),
+                             pairs=[("alignment", ["torchfunc_alignment"])])
+    assert math.isnan(report["alignment vs torchfunc_alignment"])
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device, pairs: report)
+    with pytest.raises(ImplementationsDisagree, match="alignment vs torchfunc_alignment: nan"):
+        bench.run_suite(["mlp"], quick=True, variants=["alignment"])
 
 
 def test_weight_tables_are_compared_only_where_one_moved(monkeypatch) -> None:
@@ -249,9 +277,11 @@ def test_memory_is_the_median_of_fresh_processes_run_in_rounds(monkeypatch) -> N
     figures = {"plain": iter([400.0, 350.0, 446.0]), "alignment": iter([600.0, 700.0, 650.0])}
     calls, heard = [], []
 
+    live = {"plain": iter([9.0, 7.0, 3.0]), "alignment": iter([12.0, 10.0, 8.0])}
+
     def measured(workload, variant, threads, device):
         calls.append((workload, variant, threads, device))
-        return {"peak_rss_mb": next(figures[variant]), "peak_live_mb": 7.0}
+        return {"peak_rss_mb": next(figures[variant]), "peak_live_mb": next(live[variant])}
 
     monkeypatch.setattr(bench, "step_peak_memory_mb", measured)
     memory = bench.measure_memory("resnet18", ["plain", "alignment"], 2, "cpu", repeats=3,
@@ -259,22 +289,22 @@ def test_memory_is_the_median_of_fresh_processes_run_in_rounds(monkeypatch) -> N
     assert memory == {
         "plain": {"peak_live_mb": 7.0, "peak_rss_mb": 400.0, "peak_rss_mb_min": 350.0,
                   "peak_rss_mb_max": 446.0},
-        "alignment": {"peak_live_mb": 7.0, "peak_rss_mb": 650.0, "peak_rss_mb_min": 600.0,
+        "alignment": {"peak_live_mb": 10.0, "peak_rss_mb": 650.0, "peak_rss_mb_min": 600.0,
                       "peak_rss_mb_max": 700.0},
     }
     assert calls == [("resnet18", variant, 2, "cpu") for _ in range(3)
                      for variant in ("plain", "alignment")]  # every variant once a round
-    assert heard[:2] == ["resnet18 plain: {'peak_rss_mb': 400.0, 'peak_live_mb': 7.0}",
-                         "resnet18 alignment: {'peak_rss_mb': 600.0, 'peak_live_mb': 7.0}"]
+    assert heard[:2] == ["resnet18 plain: {'peak_rss_mb': 400.0, 'peak_live_mb': 9.0}",
+                         "resnet18 alignment: {'peak_rss_mb': 600.0, 'peak_live_mb': 12.0}"]
     assert len(heard) == 6
 
 
 def test_memory_without_an_rss_figure_reports_none_for_it(monkeypatch) -> None:
-    live = iter([5.0, 9.0, 6.0])
+    live = iter([9.0, 5.0, 7.0])  # the median neither first nor last
     monkeypatch.setattr(bench, "step_peak_memory_mb", lambda *args: {
         "peak_rss_mb": None, "peak_live_mb": next(live)})  # as on CUDA
     assert bench.measure_memory("mlp", ["plain"], processes=1) == {"plain": {
-        "peak_live_mb": 6.0, "peak_rss_mb": None, "peak_rss_mb_min": None,
+        "peak_live_mb": 7.0, "peak_rss_mb": None, "peak_rss_mb_min": None,
         "peak_rss_mb_max": None}}
 
 
@@ -393,12 +423,23 @@ def test_an_output_folder_without_write_permission_fails_before_any_work(
     assert main(["bench", "--out", str(tmp_path)]) == 0
 
 
+def test_the_issue_s_variants_are_all_benchmarked_in_its_order() -> None:
+    assert [v for v in VARIANTS if v in ISSUE_VARIANTS] == ISSUE_VARIANTS
+
+
 def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> None:
+    """The real suite end to end on a few variants of W1 (an eager and a compiled step of
+    ours, meta_every=5 and a peer of it), with their agreement checks and memory processes.
+    Every step runs in the agreement check (test_every_peer_agrees_with_our_steps_on_the_mlp)
+    and each of ours 200 times in tests/test_no_leaks.py; the figures' arithmetic is checked
+    on a fake clock (test_the_suite_reports_the_timed_medians_their_ratios_and_the_checks)."""
+    chosen = ["alignment", "reweighter_every_5", "alignment_first_order_compiled",
+              "torchfunc_reweighter_every_5"]
     assert main(["bench", "--workload", "mlp", "--quick", "--format", "json", "--pairwise",
-                 "--out", str(tmp_path)]) == 0
+                 "--variants", ",".join(chosen), "--out", str(tmp_path)]) == 0
     records = json.loads(capsys.readouterr().out)
-    assert [r["variant"] for r in records] == list(VARIANTS)
-    assert [v for v in VARIANTS if v in ISSUE_VARIANTS] == ISSUE_VARIANTS  # all, in order
+    assert [r["variant"] for r in records] == [v for v in VARIANTS
+                                               if v in chosen or v == "plain"]
     for record in records:
         assert set(record) == {"workload", "variant", "median_ms", "ratio_to_plain",
                                "ratio_to_plain_pairwise", "peak_live_mb", "peak_rss_mb",
@@ -415,7 +456,7 @@ def test_bench_prints_json_records_and_writes_the_results(capsys, tmp_path) -> N
     assert ("memory in MB of 2**20 bytes (MiB), each variant's median of 1 fresh process(es) "
             "(the RSS peaks' range in peak_rss_mb_min and peak_rss_mb_max)") in markdown
     assert "CPU cores" in markdown and "torch " in markdown
-    assert "reweighter vs torchfunc_reweighter (weight update)" in markdown
+    assert "reweighter_every_5 vs higher_reweighter_every_5 (weight update)" in markdown
     assert ("Agreement before timing (`metafair_opt.benchmark.check_agreement`: two steps "
             "each, both from the same start") in markdown
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == (
@@ -434,6 +475,22 @@ def test_interleaving_runs_every_step_once_per_round_in_shuffled_orders() -> Non
     calls.clear()
     time_interleaved(steps, repeats=6, warmup=0)
     assert [calls[i:i + 5] for i in range(0, 30, 5)] == rounds  # seeded: reproducible
+
+
+def test_interleaved_timing_reports_each_step_s_median_round() -> None:
+    clock = [0.0]
+    costs = iter([10.0, 1.0, 3.0, 8.0, 2.0])  # median 3; mean 4.8, first 10, last 2
+
+    def varying() -> None:
+        clock[0] += next(costs)
+
+    def steady() -> None:
+        clock[0] += 2.0
+
+    with patch("metafair_opt.benchmark.time.perf_counter", lambda: clock[0]):
+        medians = time_interleaved({"varying": varying, "steady": steady}, repeats=5,
+                                   warmup=0)
+    assert medians == {"varying": 3000.0, "steady": 2000.0}
 
 
 def test_a_cycle_is_timed_call_by_call_among_the_others_and_averaged() -> None:
@@ -493,6 +550,125 @@ def test_the_suite_adds_the_pairwise_ratio_only_when_asked(monkeypatch) -> None:
         records = bench.run_suite(["mlp"], quick=True, pairwise=pairwise)
         assert [r["variant"] for r in records] == list(VARIANTS)
         assert all(("ratio_to_plain_pairwise" in r) == pairwise for r in records)
+
+
+def _fake_steps(costs: dict[str, list[float]], clock: list[float]):
+    """A ``make_step`` whose steps advance ``clock`` by their variant's costs in turn."""
+    def make_step(variant, w, device):
+        cost = itertools.cycle(costs[variant])
+
+        def step() -> None:
+            clock[0] += next(cost)
+        return step, None
+    return make_step
+
+
+@pytest.mark.parametrize("workload, quick, repeats", [
+    ("mlp", True, 30), ("mlp", False, 200), ("resnet18", True, 10), ("resnet18", False, 50)])
+def test_the_suite_reports_the_timed_medians_their_ratios_and_the_checks(
+        monkeypatch, workload, quick, repeats) -> None:
+    """Each record's median is its variant's (for reweighter_every_5 the mean step of its
+    five-step cycle: one weight update at 9 s, four plain steps at 1 s), its ratios are to
+    the plain step's, timed with every variant and beside the plain step alone, and the
+    memory and the checks are the ones measured."""
+    clock = [0.0]
+    costs = {"plain": [2.0], "alignment": [5.0], "reweighter_every_5": [9.0, 1.0, 1.0, 1.0, 1.0]}
+    timed = []
+    real_time_interleaved = bench.time_interleaved
+
+    def time_interleaved(steps, repeats, **kwargs):
+        timed.append((sorted(steps), repeats, kwargs.get("cycles")))
+        return real_time_interleaved(steps, repeats, **kwargs)
+
+    live = {"plain": 1.5, "alignment": 2.25, "reweighter_every_5": 3.125}
+    monkeypatch.setattr(bench, "check_agreement", lambda w, device, pairs: {
+        "alignment vs higher_alignment": 2.5e-6})
+    monkeypatch.setattr(bench, "make_step", _fake_steps(costs, clock))
+    monkeypatch.setattr(bench, "time_interleaved", time_interleaved)
+    monkeypatch.setattr(bench, "step_peak_memory_mb", lambda workload, variant, *args: {
+        "peak_rss_mb": 100 * live[variant], "peak_live_mb": live[variant]})
+    with patch("metafair_opt.benchmark.time.perf_counter", lambda: clock[0]):
+        records = bench.run_suite([workload], quick=quick, pairwise=True,
+                                  variants=["reweighter_every_5", "alignment"])
+    ms = {"plain": 2000.0, "alignment": 5000.0, "reweighter_every_5": 2600.0}
+    assert records == [
+        {"workload": workload, "variant": variant, "median_ms": ms[variant],
+         "ratio_to_plain": ms[variant] / 2000.0, "ratio_to_plain_pairwise": ms[variant] / 2000.0,
+         "peak_live_mb": live[variant], "peak_rss_mb": 100 * live[variant],
+         "peak_rss_mb_min": 100 * live[variant], "peak_rss_mb_max": 100 * live[variant]}
+        for variant in ("plain", "alignment", "reweighter_every_5")  # VARIANTS' order
+    ] + [{"workload": workload, "check": "alignment vs higher_alignment",
+          "relative_difference": 2.5e-6}]
+    assert timed == [
+        (["alignment", "plain", "reweighter_every_5"], repeats, bench.CYCLE_STEPS),
+        (["alignment", "plain"], repeats, bench.CYCLE_STEPS),
+        (["plain", "reweighter_every_5"], repeats, bench.CYCLE_STEPS),
+    ]
+
+
+def _bench_records(workload: str = "mlp") -> list[dict]:
+    return [
+        {"workload": workload, "variant": "plain", "median_ms": 0.5, "ratio_to_plain": 1.0,
+         "peak_live_mb": 0.25, "peak_rss_mb": 1.5, "peak_rss_mb_min": 1.0,
+         "peak_rss_mb_max": 2.0},
+        {"workload": workload, "variant": "alignment", "median_ms": 1.25,
+         "ratio_to_plain": 2.5, "peak_live_mb": 0.5, "peak_rss_mb": 3.0,
+         "peak_rss_mb_min": 2.5, "peak_rss_mb_max": 3.5},
+        {"workload": workload, "check": "alignment vs higher_alignment",
+         "relative_difference": 3.25e-06},
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_bench_prints_the_suite_s_records_in_the_format_asked_for(monkeypatch, capsys,
+                                                                   fmt) -> None:
+    asked = []
+
+    def run_suite(workloads, device, **kwargs):
+        asked.append((tuple(workloads), str(device), kwargs["quick"], kwargs["pairwise"],
+                      kwargs["variants"], torch.get_num_threads()))
+        return _bench_records()
+
+    monkeypatch.setattr(bench, "run_suite", run_suite)
+    threads = torch.get_num_threads()
+    assert main(["bench", "--workload", "all", "--format", fmt, "--threads", "1",
+                 "--variants", "alignment", "--pairwise"]) == 0
+    assert torch.get_num_threads() == threads  # put back
+    assert asked == [(("mlp", "resnet18"), "cpu", False, True, ["alignment"], 1)]
+    out, err = capsys.readouterr()
+    expected = {
+        "table": ("| workload | variant | median_ms | ratio_to_plain | peak_live_mb | peak_rss_mb "
+                  "| peak_rss_mb_min | peak_rss_mb_max |\n"
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+                  "| mlp | plain | 0.5 | 1 | 0.25 | 1.5 | 1 | 2 |\n"
+                  "| mlp | alignment | 1.25 | 2.5 | 0.5 | 3 | 2.5 | 3.5 |\n"),
+        "csv": ("workload,variant,median_ms,ratio_to_plain,peak_live_mb,peak_rss_mb,"
+                "peak_rss_mb_min,peak_rss_mb_max\n"
+                "mlp,plain,0.5,1.0,0.25,1.5,1.0,2.0\n"
+                "mlp,alignment,1.25,2.5,0.5,3.0,2.5,3.5\n"),
+        "json": json.dumps(_bench_records()[:2], indent=2) + "\n",
+    }[fmt]
+    assert out == expected
+    assert err.splitlines() == ["mlp: alignment vs higher_alignment: relative difference 3.25e-06"]
+
+
+def test_make_workload_builds_the_issue_s_batches_and_splits() -> None:
+    """W1: 256 rows of 100 features split 80/176, binary targets; W2: 64 images of 3x32x32
+    split 24/40, ten classes; both with a validation batch of 64 in two groups of 32."""
+    for name, shape, n_support, classes in (("mlp", (256, 100), 80, {0.0, 1.0}),
+                                            ("resnet18", (64, 3, 32, 32), 24, set(range(10)))):
+        w = make_workload(name)
+        assert tuple(w.x.shape) == shape and tuple(w.x_val.shape) == (64, *shape[1:])
+        x_s, y_s, x_q, y_q = w.sets()
+        assert (len(x_s), len(x_q)) == (n_support, shape[0] - n_support)
+        assert len(y_s) == n_support and len(y_q) == shape[0] - n_support
+        assert set(w.y.tolist()) <= classes and set(w.y_val.tolist()) <= classes
+        assert torch.bincount(w.g_val).tolist() == [32, 32]
+        out = w.model(torch.device("cpu"))(w.x[:2])
+        assert w.loss(out, w.y[:2], reduction="none").shape == (2,)
+    with pytest.raises(ValueError, match=r"^Unknown workload 'cnn'; choose from \['mlp', "
+                                         r"'resnet18'\]\.$"):
+        make_workload("cnn")
 
 
 def test_memory_figures_keep_four_significant_figures() -> None:
