@@ -671,6 +671,44 @@ def test_make_workload_builds_the_issue_s_batches_and_splits() -> None:
         make_workload("cnn")
 
 
+def test_the_option_steps_of_the_benchmarks_pass_their_options_on() -> None:
+    """make_alignment_step and make_reweighter_step (benchmarks/ only) build their step with
+    the options given: five inner steps train as the alignment_5_inner variant does, not as
+    one; an option the reweighter refuses reaches it."""
+    w = make_workload("mlp")
+
+    def trained(step, model) -> list[torch.Tensor]:
+        step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b))
+
+    five = trained(*bench.make_alignment_step(w, inner_steps=5))
+    assert same(five, trained(*bench.make_step("alignment_5_inner", w)))
+    assert not same(five, trained(*bench.make_step("alignment", w)))
+    assert same(trained(*bench.make_reweighter_step(w, weight_grad_mode="forward")),
+                trained(*bench.make_step("reweighter", w)))
+    with pytest.raises(ValueError, match="meta_every must be a positive integer; got 0"):
+        bench.make_reweighter_step(w, meta_every=0)
+
+
+def test_bench_on_cuda_without_a_gpu_says_so(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "run_suite", lambda *args, **kwargs: pytest.fail("ran"))
+    assert main(["bench", "--device", "cuda", "--quick"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "metafair-opt: error: --device cuda was asked for, but torch sees no CUDA device.")
+
+
+def test_the_machine_description_names_the_gpu_on_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    described = bench.machine_description("cuda")
+    assert ", GPU NVIDIA H100 80GB HBM3; " in described
+    assert f"torch {torch.__version__} with {torch.get_num_threads()} threads" in described
+    assert "GPU" not in bench.machine_description("cpu")
+
+
 def test_memory_figures_keep_four_significant_figures() -> None:
     # W1's peaks are fractions of a megabyte and W2's thousands: one decimal would make W1's
     # variants look alike (0.2 MB each) and a fixed precision would clutter W2's.
