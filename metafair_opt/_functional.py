@@ -82,7 +82,7 @@ def check_same_batch_size(x: Batch, y: Batch, x_name: str = "x", y_name: str = "
 
 
 def differentiable_sgd_update(
-    params: Sequence[Tensor], grads: Sequence[Tensor], step: float
+    params: Sequence[Tensor], grads: Sequence[Tensor], step: float | Tensor
 ) -> tuple[Tensor, ...]:
     """``params + step * grads`` (``step`` is minus the learning rate for a descent step),
     recorded by autograd: the update of an inner or look-ahead step.
@@ -90,7 +90,11 @@ def differentiable_sgd_update(
     One ``torch.add`` per tensor rather than one fused ``torch._foreach_add``: the fused op's
     autograd node keeps ``grads`` alive until its graph is freed (a whole extra copy of the
     model's gradients at the outer backward's peak), the per-tensor add saves nothing.
+    ``step`` is a 0-dim tensor in the steps ``torch.compile`` traces, where a float would be
+    baked into the graph (and a new rate would compile it again).
     """
+    if isinstance(step, Tensor):
+        return tuple(p + step * g for p, g in zip(params, grads))
     return tuple(torch.add(p, g, alpha=step) for p, g in zip(params, grads))
 
 

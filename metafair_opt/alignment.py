@@ -118,7 +118,9 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             (dropout draws from torch's generator, as in eager mode); faster where each
             operation's fixed cost dominates (small models; the README gives the measured
             figures). The first step compiles (tens of seconds on a small MLP, minutes on a
-            ResNet), a new batch size compiles once more (then with dynamic shapes). Needs a C++
+            ResNet), a new batch size compiles once more (then with dynamic shapes); the
+            default inner SGD's ``inner_lr`` is an input of the graph, so the wrappers of a
+            sweep over it find their graph in torch's compile cache. Needs a C++
             compiler on CPU (Triton on CUDA); refused with ``grad_scaler`` or under DDP. Two
             differences from eager mode: a parameter the step does not reach gets a zero
             gradient instead of none (so momentum, Adam or weight decay still move it), and
@@ -209,6 +211,8 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             )
         self._compiled_meta_gradient: Callable[..., Any] | None = None
         self._compiled_checked = False  # the first compiled step is compared with eager's
+        # inner_lr as the compiled step's input, with the (rate, device, dtype) it was made for.
+        self._inner_lr_input_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
@@ -343,12 +347,15 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         return f"support loss at inner step {i + 1} of {self.inner_steps}"
 
     def _inner_update(
-        self, grads: tuple[Tensor, ...], state: Any, params: tuple[Tensor, ...]
+        self, grads: tuple[Tensor, ...], state: Any, params: tuple[Tensor, ...],
+        inner_lr: float | Tensor | None = None,
     ) -> tuple[tuple[Tensor, ...], Any]:
+        """One inner step; ``inner_lr`` (default: the wrapper's) is the default SGD's rate."""
         if not self._custom_inner:
             # The default differentiable SGD step written directly: the same update as
             # torchopt.sgd(inner_lr), about 3x cheaper (W1's MLP: 14 against 42 us per update).
-            return differentiable_sgd_update(params, grads, -self.inner_lr), state
+            rate = self.inner_lr if inner_lr is None else inner_lr
+            return differentiable_sgd_update(params, grads, -rate), state
         updates, state = self.inner_optimizer.update(grads, state, params=params, inplace=False)
         return tuple(torchopt.apply_updates(params, updates, inplace=False)), state
 
@@ -517,7 +524,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         before = rng_snapshot(theta0[0].device) if not self._compiled_checked else None
         try:
             meta_grads, losses = self._compiled_meta_gradient(
-                theta0, scratch, committed, x_s, y_s, x_q, y_q)
+                theta0, scratch, committed, x_s, y_s, x_q, y_q, self._inner_lr_input(theta0[0]))
         except COMPILE_FAILURES as error:
             # A trace that stops on an exception reports only "Observed exception": take the
             # eager step (on fresh buffer copies, nothing committed), so that a bad input raises
@@ -538,13 +545,25 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                      if self.track_alignment else None)
         return tuple(meta_grads), committed, list(zip(names, losses)), alignment
 
+    def _inner_lr_input(self, like: Tensor) -> Tensor:
+        """``inner_lr`` as a 0-dim tensor on ``like``'s device (kept between steps). A float
+        would be baked into the compiled graph, and the wrappers of a sweep over inner_lr would
+        each compile their own instead of finding one in torch's cache."""
+        key = (self.inner_lr, like.device, torch.promote_types(like.dtype, torch.float32))
+        if self._inner_lr_input_cache is None or self._inner_lr_input_cache[0] != key:
+            rate = torch.tensor(self.inner_lr, device=key[1], dtype=key[2])
+            self._inner_lr_input_cache = (key, rate)
+        return self._inner_lr_input_cache[1]
+
     def _functional_meta_gradient(
         self, theta0: tuple[Tensor, ...], scratch: dict[str, Tensor],
         committed: dict[str, Tensor], x_s: Batch, y_s: Any, x_q: Batch, y_q: Any,
+        inner_lr: Tensor,
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The meta-gradient at ``theta0`` and the step's losses (support losses, then the
         query loss), written with ``torch.func.grad`` so that ``torch.compile`` can trace the
-        whole of it, double backward included."""
+        whole of it, double backward included; ``inner_lr`` is the default inner SGD's rate
+        (0-dim)."""
         fm = self._fmodel
 
         # The buffers are arguments, not captured: torch.func refuses in-place updates (running
@@ -563,7 +582,7 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
                 grads, loss_s = torch.func.grad_and_value(support_loss)(params, scratch, what)
                 if self.first_order:  # the query gradient at theta_I, applied to theta_0
                     grads = tuple(g.detach() for g in grads)
-                params, state = self._inner_update(grads, state, params)
+                params, state = self._inner_update(grads, state, params, inner_lr)
                 losses.append(loss_s)
             if self.first_order and self.inner_steps:
                 # theta_I's value, with the identity as its derivative in theta_0 (an update

@@ -623,7 +623,7 @@ class SampleReweighter(MetaOptimizerBase):
 
         def meta_loss(logits: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
             (grads,) = pullback(torch.softmax(_take(logits, inverse), dim=0))
-            theta_tilde = tuple(t + step * g for t, g in zip(theta, grads))
+            theta_tilde = differentiable_sgd_update(theta, grads, step)
             scratch = {name: b.clone() for name, b in buffers.items()}
             val_losses = self._per_sample_losses(fm.call_at(theta_tilde, scratch, x_val),
                                                  y_val, "validation loss")
