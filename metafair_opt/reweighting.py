@@ -562,6 +562,9 @@ class SampleReweighter(MetaOptimizerBase):
         # learning-rate schedule would then recompile the step each time it changes the rate.
         step = torch.tensor(self._lookahead_lr() * (1.0 if self.reverse_lookahead else -1.0),
                             device=device, dtype=block.dtype)
+        # So is the weights' rate, so that the reweighters of a sweep over weight_lr find
+        # their graph in torch's compile cache instead of each compiling it.
+        weight_lr = torch.tensor(self.weight_lr, device=device, dtype=block.dtype)
         n_global = block.shape[0] if inverse is None else inverse.numel()
         before = rng_snapshot(device) if not self._compiled_checked else None
         try:
@@ -572,7 +575,7 @@ class SampleReweighter(MetaOptimizerBase):
                     dict(fm.module.named_buffers()) if fm.buffer_names else {}, x, y,
                     block.to(device), inverse,
                     None if adam_state is None else adam_state.to(device),
-                    x_val, y_val, g_val.to(device), step))
+                    x_val, y_val, g_val.to(device), step, weight_lr))
         except COMPILE_FAILURES as error:
             # A trace that stops on an exception reports only "Observed exception": take the
             # eager step (nothing committed, the random generators put back), so that a bad
@@ -601,7 +604,7 @@ class SampleReweighter(MetaOptimizerBase):
     def _functional_meta_step(
         self, theta: tuple[Tensor, ...], buffers: dict[str, Tensor], x: Batch, y: Any,
         block: Tensor, inverse: Tensor | None, adam_state: Tensor | None, x_val: Batch,
-        y_val: Any, g_val: Tensor, step: Tensor,
+        y_val: Any, g_val: Tensor, step: Tensor, weight_lr: Tensor,
     ) -> tuple[Any, ...]:
         """A meta step written with ``torch.func`` so that ``torch.compile`` traces all of it,
         the bookkeeping (finiteness, the rows' next moving averages) included.
@@ -633,7 +636,7 @@ class SampleReweighter(MetaOptimizerBase):
         current = block[:, _WEIGHT]
         row_grads, (meta, val_losses, ids, means) = torch.func.grad(
             meta_loss, has_aux=True)(current)
-        new_rows, adam_rows = self._updated_rows(current, row_grads, adam_state)
+        new_rows, adam_rows = self._updated_rows(current, row_grads, adam_state, weight_lr)
         new_weights = torch.softmax(_take(new_rows, inverse), dim=0)
         (final_grads,) = pullback(new_weights)
         weighted_losses = new_weights * losses
@@ -923,13 +926,16 @@ class SampleReweighter(MetaOptimizerBase):
                      else self.param_groups[0]["lr"])
 
     def _updated_rows(
-        self, current: Tensor, grads: Tensor, state: Tensor | None
+        self, current: Tensor, grads: Tensor, state: Tensor | None,
+        weight_lr: float | Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """New values for rows whose weights are ``current`` and, for Adam, their new state
         (columns exp_avg, exp_avg_sq, steps) from their ``state`` (None: never updated);
-        nothing is stored."""
+        nothing is stored. ``weight_lr`` (default: the reweighter's) is a 0-dim tensor in the
+        compiled step."""
+        rate = self.weight_lr if weight_lr is None else weight_lr
         if self.weight_optimizer == "sgd":
-            return torch.add(current, grads, alpha=-self.weight_lr), None
+            return differentiable_sgd_update((current,), (grads,), -rate)[0], None
         beta1, beta2 = self.adam_betas
         if state is None:
             steps = torch.ones_like(grads)
@@ -941,7 +947,7 @@ class SampleReweighter(MetaOptimizerBase):
             exp_avg_sq = torch.lerp(grads * grads, state[:, 1], beta2)
         corrected_avg = exp_avg / (1 - beta1 ** steps)
         corrected_sq = exp_avg_sq / (1 - beta2 ** steps)
-        new_rows = current - self.weight_lr * corrected_avg / (corrected_sq.sqrt() + self.adam_eps)
+        new_rows = current - rate * corrected_avg / (corrected_sq.sqrt() + self.adam_eps)
         return new_rows, torch.stack([exp_avg, exp_avg_sq, steps], dim=1)
 
     def _next_rows(self, block: Tensor, weights: Tensor, values: Tensor,

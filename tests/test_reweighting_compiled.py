@@ -118,6 +118,25 @@ def test_a_learning_rate_schedule_does_not_recompile() -> None:
     assert_same_training(eager, compiled)
 
 
+@pytest.mark.parametrize("weight_optimizer", ["sgd", "adam"])
+def test_a_sweep_over_the_weight_rate_compiles_one_graph(weight_optimizer: str, tmp_path,
+                                                         monkeypatch) -> None:
+    """The weights' rate enters the graph as a tensor too: after the first reweighter of a
+    sweep over weight_lr, the others find their graph in Inductor's cache (empty at the start
+    here) instead of compiling it again, and train as the eager reweighter does."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    misses = []
+    for weight_lr in (0.5, 0.2, 0.05):
+        options = {"weight_lr": weight_lr, "weight_optimizer": weight_optimizer,
+                   "dropout": False}
+        graphs = compiled_graphs()
+        compiled = train(compiled=True, steps=2, **options)
+        assert compiled_graphs() > graphs
+        misses.append(counters["inductor"]["fxgraph_cache_miss"])
+        assert_same_training(train(compiled=False, steps=2, **options), compiled)
+    assert misses[1:] == [misses[0]] * 2, misses
+
+
 def test_compiled_gives_unreached_parameters_a_zero_gradient() -> None:
     """The documented difference: torch.func fills the gradient of a parameter the step does
     not reach with zeros, where the eager step leaves it None."""
