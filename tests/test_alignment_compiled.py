@@ -299,14 +299,13 @@ def test_compiled_is_refused_with_a_grad_scaler() -> None:
         GradientAlignmentWrapper(model, opt, loss_fn=bce, compiled=True, grad_scaler=scaler)
 
 
-def test_every_wrapper_of_a_sweep_compiles_past_torch_compiles_recompile_limit(
-        tmp_path, monkeypatch) -> None:
+@pytest.mark.usefixtures("own_compile_cache")
+def test_every_wrapper_of_a_sweep_compiles_past_torch_compiles_recompile_limit() -> None:
     """torch.compile keeps at most 8 variants per code object, then (with fullgraph=True)
     fails; each wrapper compiles its own copy, so the ninth configuration in one process still
     compiles. The inner rate is an input of the graph, not a constant in it: after the first,
-    the wrappers of this sweep over inner_lr find their graph in Inductor's cache (empty at the
-    start here) instead of compiling it again (about 4 s each on this MLP, on 2 CPU cores)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    the wrappers of this sweep over inner_lr find their graph in Inductor's cache (this test
+    session's own) instead of compiling it again (about 4 s each on this MLP, on 2 CPU cores)."""
     batches = tiny_batches(seed=31)
     misses = []
     for i in range(9):
