@@ -211,8 +211,6 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
             )
         self._compiled_meta_gradient: Callable[..., Any] | None = None
         self._compiled_checked = False  # the first compiled step is compared with eager's
-        # inner_lr as the compiled step's input, with the (rate, device, dtype) it was made for.
-        self._inner_lr_input_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     # ------------------------------------------------------------------ torch.optim interface
     def config(self) -> dict[str, Any]:
@@ -521,10 +519,15 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         if self._compiled_meta_gradient is None:
             self._compiled_meta_gradient = compile_method(self._functional_meta_gradient)
         theta0 = tuple(p.detach() for p in fm.params)
+        # The inner rate as a tensor, as the reweighter's rates: a float would be baked into the
+        # graph, and the wrappers of a sweep over inner_lr would each compile their own instead
+        # of finding one in torch's cache.
+        inner_lr = torch.tensor(self.inner_lr, device=theta0[0].device,
+                                dtype=torch.promote_types(theta0[0].dtype, torch.float32))
         before = rng_snapshot(theta0[0].device) if not self._compiled_checked else None
         try:
             meta_grads, losses = self._compiled_meta_gradient(
-                theta0, scratch, committed, x_s, y_s, x_q, y_q, self._inner_lr_input(theta0[0]))
+                theta0, scratch, committed, x_s, y_s, x_q, y_q, inner_lr)
         except COMPILE_FAILURES as error:
             # A trace that stops on an exception reports only "Observed exception": take the
             # eager step (on fresh buffer copies, nothing committed), so that a bad input raises
@@ -544,16 +547,6 @@ class GradientAlignmentWrapper(MetaOptimizerBase):
         alignment = (self._alignment(None, x_s, y_s, x_q, y_q, scratch)
                      if self.track_alignment else None)
         return tuple(meta_grads), committed, list(zip(names, losses)), alignment
-
-    def _inner_lr_input(self, like: Tensor) -> Tensor:
-        """``inner_lr`` as a 0-dim tensor on ``like``'s device (kept between steps). A float
-        would be baked into the compiled graph, and the wrappers of a sweep over inner_lr would
-        each compile their own instead of finding one in torch's cache."""
-        key = (self.inner_lr, like.device, torch.promote_types(like.dtype, torch.float32))
-        if self._inner_lr_input_cache is None or self._inner_lr_input_cache[0] != key:
-            rate = torch.tensor(self.inner_lr, device=key[1], dtype=key[2])
-            self._inner_lr_input_cache = (key, rate)
-        return self._inner_lr_input_cache[1]
 
     def _functional_meta_gradient(
         self, theta0: tuple[Tensor, ...], scratch: dict[str, Tensor],
